@@ -1,0 +1,188 @@
+"""Run configuration: defaults, YAML files, ``key.sub=value`` overrides, and validation.
+
+Everything is checked before any training: an unknown key or a bad value raises ``ConfigError``
+naming the key (``train.epochs``), the value and what is allowed. ``data`` and ``method`` sections
+take the options of the chosen dataset loader / method constructor, filled with their defaults, so
+``config.yaml`` of a run is the full resolved configuration.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .data import dataset_options
+from .methods import build_method, method_options
+from .models import ESTIMATORS, FUSIONS
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid."""
+
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"name": "synthetic"},
+    "model": {"encoder": "auto", "width": 32, "feature_dim": 64, "fusion": "concat", "estimator": "auto"},
+    "method": {"name": "joint"},
+    "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
+              "step_size": 10, "gamma": 0.1, "clip_grad_norm": None},
+    "train": {"epochs": 12, "batch_size": 64, "seed": 0, "device": "auto", "bf16": True,
+              "select": "last", "probe": True, "out": None, "progress": True},
+}
+
+CHOICES: dict[str, tuple] = {
+    "model.encoder": ("auto", "cnn", "mlp"),
+    "model.fusion": tuple(FUSIONS),
+    "model.estimator": ESTIMATORS,
+    "optim.name": ("sgd", "adam", "adamw"),
+    "optim.schedule": ("step", "cosine", "none"),
+    "train.select": ("last", "best_val"),
+}
+POSITIVE = ("model.width", "model.feature_dim", "optim.lr", "optim.step_size", "train.epochs", "train.batch_size")
+
+
+def _deep_merge(base: dict, extra: dict, prefix: str = "") -> dict:
+    out = copy.deepcopy(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v, f"{prefix}{k}.")
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=1e-3"`` -> (["a", "b"], 0.001). Values are read as YAML (numbers, lists, null, true)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+    return key.strip().split("."), value
+
+
+def _set(cfg: dict, path: list[str], value: Any) -> None:
+    node = cfg
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(path)}: {part} is not a section")
+    node[path[-1]] = value
+
+
+def _check_type(key: str, value: Any, default: Any) -> Any:
+    """Coerce/check ``value`` against the type of its default (None defaults accept anything)."""
+    if default is None or value is None and default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if isinstance(default, (list, tuple)):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _resolve_options(section: str, cfg: dict, defaults: dict) -> dict:
+    out = {"name": cfg["name"]}
+    unknown = sorted(set(cfg) - set(defaults) - {"name"})
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {[f'{section}.{k}' for k in unknown]} for "
+                          f"{section} {cfg['name']!r}; valid: {sorted(defaults)}")
+    for k, d in defaults.items():
+        d = list(d) if isinstance(d, tuple) else d
+        out[k] = _check_type(f"{section}.{k}", cfg.get(k, d), d)
+    return out
+
+
+def resolve(raw: dict) -> dict:
+    """Validate a (partial) config and fill every default. Raises ``ConfigError``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(DEFAULTS)}")
+    cfg = _deep_merge(DEFAULTS, raw)
+    for section in ("model", "optim", "train"):
+        if not isinstance(cfg[section], dict):
+            raise ConfigError(f"{section}: expected a mapping, got {cfg[section]!r}")
+        extra = sorted(set(cfg[section]) - set(DEFAULTS[section]))
+        if extra:
+            raise ConfigError(f"unknown key(s) {[f'{section}.{k}' for k in extra]}; "
+                              f"valid: {sorted(DEFAULTS[section])}")
+        for k, d in DEFAULTS[section].items():
+            cfg[section][k] = _check_type(f"{section}.{k}", cfg[section][k], d)
+    for key, allowed in CHOICES.items():
+        s, k = key.split(".")
+        if cfg[s][k] not in allowed:
+            raise ConfigError(f"{key}: {cfg[s][k]!r} is not one of {list(allowed)}")
+    for key in POSITIVE:
+        s, k = key.split(".")
+        if not cfg[s][k] > 0:
+            raise ConfigError(f"{key}: must be > 0, got {cfg[s][k]!r}")
+    device = cfg["train"]["device"]
+    if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:")):
+        raise ConfigError(f"train.device: {device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
+    try:
+        data_defaults = dataset_options(cfg["data"]["name"])
+        method_defaults = method_options(cfg["method"]["name"])
+    except KeyError as exc:
+        raise ConfigError(str(exc.args[0])) from None
+    cfg["data"] = _resolve_options("data", cfg["data"], data_defaults)
+    cfg["method"] = _resolve_options("method", cfg["method"], method_defaults)
+    try:  # constructors check their values (choices, ranges): fail here, before any training
+        build_method(**cfg["method"])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"method {cfg['method']['name']!r}: {exc}") from None
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> dict:
+    """Defaults <- ``base`` <- YAML file <- overrides, then ``resolve``.
+
+    Changing ``method.name`` or ``data.name`` drops options that belong to the previous one only
+    when they came from defaults (explicit unknown options are still an error).
+    """
+    raw: dict = copy.deepcopy(base) if base else {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        raw = _deep_merge(raw, loaded)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        if keys[0] in ("method", "data") and keys[1:] == ["name"] and raw.get(keys[0], {}).get("name") != value:
+            raw[keys[0]] = {}  # a new method/dataset starts from its own defaults
+        _set(raw, keys, value)
+    return resolve(raw)
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

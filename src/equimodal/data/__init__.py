@@ -1,0 +1,42 @@
+"""Datasets and preparation (imports nothing from methods/, models/ or train/).
+
+``load_dataset(name, **options)`` builds train/val/test splits; options are checked against the
+loader's signature, so an unknown key names itself and the valid ones.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from .base import DataSplits, TensorMultimodalDataset, stratified_split
+from .synthetic import synthetic_splits
+
+#: name -> (loader, default options that differ from the loader's own defaults)
+DATASETS: dict[str, tuple[Callable[..., DataSplits], dict[str, Any]]] = {
+    "synthetic": (synthetic_splits, {}),
+    "synthetic3": (synthetic_splits, {"modalities": ["visual", "audio", "tactile"]}),
+}
+
+
+def dataset_options(name: str) -> dict[str, Any]:
+    if name not in DATASETS:
+        raise KeyError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
+    fn, overrides = DATASETS[name]
+    opts = {p.name: p.default for p in inspect.signature(fn).parameters.values()}
+    opts.update(overrides)
+    return opts
+
+
+def load_dataset(name: str, **options: Any) -> DataSplits:
+    valid = dataset_options(name)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"dataset {name!r} has no option(s) {unknown}; valid options: {sorted(valid)}")
+    fn, overrides = DATASETS[name]
+    splits = fn(**{**overrides, **options})
+    splits.name = name
+    return splits
+
+
+__all__ = ["DATASETS", "DataSplits", "TensorMultimodalDataset", "dataset_options", "load_dataset",
+           "stratified_split", "synthetic_splits"]

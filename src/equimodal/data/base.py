@@ -1,0 +1,87 @@
+"""In-memory multimodal datasets and seeded, stratified splits."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import Dataset
+
+
+class TensorMultimodalDataset(Dataset):
+    """Named input tensors (same first dimension) and integer labels, all in memory.
+
+    ``dataset[indices]`` with a list or tensor of indices returns a whole batch at once
+    (``(dict of tensors, labels)``), so a loader can fetch a batch with one gather instead of a
+    per-sample Python loop (see ``equimodal.train.trainer.batches``).
+    """
+
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int) -> None:
+        n = labels.shape[0]
+        for name, x in inputs.items():
+            if x.shape[0] != n:
+                raise ValueError(f"modality {name!r} has {x.shape[0]} samples but there are {n} labels")
+        if n and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(f"labels must lie in [0, {num_classes}); got range "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        self.inputs = dict(inputs)
+        self.labels = labels.long()
+        self.num_classes = int(num_classes)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.inputs)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index):
+        return {m: x[index] for m, x in self.inputs.items()}, self.labels[index]
+
+    def subset(self, indices: torch.Tensor) -> "TensorMultimodalDataset":
+        return TensorMultimodalDataset({m: x[indices] for m, x in self.inputs.items()},
+                                       self.labels[indices], self.num_classes)
+
+    def select(self, modalities: list[str] | tuple[str, ...]) -> "TensorMultimodalDataset":
+        """A view with only the named modalities (in that order)."""
+        unknown = [m for m in modalities if m not in self.inputs]
+        if unknown:
+            raise KeyError(f"unknown modalities {unknown}; this dataset has {list(self.inputs)}")
+        return TensorMultimodalDataset({m: self.inputs[m] for m in modalities}, self.labels, self.num_classes)
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices into (keep, held_out) with ``fraction`` of every class held out (seeded).
+
+    Each class with at least two samples contributes round(fraction * count) >= 1 samples.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    gen = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        n_held = int(round(fraction * idx.numel()))
+        if fraction > 0 and idx.numel() >= 2:
+            n_held = max(1, n_held)
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
+
+
+@dataclass
+class DataSplits:
+    """train / validation (carved from train) / test. Test is for reporting only."""
+
+    train: TensorMultimodalDataset
+    val: TensorMultimodalDataset
+    test: TensorMultimodalDataset
+    name: str
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return self.train.modalities
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes

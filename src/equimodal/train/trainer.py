@@ -1,0 +1,324 @@
+"""The training loop: builds data, model, method and optimizer from a resolved config, trains,
+selects on validation, reports on test, and checkpoints every epoch so a run can resume exactly.
+
+Order of one optimizer step (as in nanoGPT's train.py): forward under autocast -> method.loss ->
+backward -> method.before_step (gradient modulation) -> clip -> optimizer.step -> method.after_step
+-> zero_grad. The test split is evaluated once, at the end, for reporting only.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import time
+from contextlib import nullcontext
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import dump_config
+from ..data import DataSplits, TensorMultimodalDataset, load_dataset
+from ..methods import Method, build_method
+from ..models import ENCODERS, MultimodalModel
+from .checkpoint import load_checkpoint, save_checkpoint
+from .metrics import accuracy, linear_probe_accuracy, macro_f1
+
+SUMMARY_KEYS = ("test_acc", "test_macro_f1", "test_acc_by_modality", "method", "dataset", "seed", "epochs", "seconds")
+
+
+# --- builders ------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def build_model(model_cfg: dict, splits: DataSplits) -> MultimodalModel:
+    """One encoder per modality, chosen from the input shape when ``encoder: auto``
+    (images/spectrograms -> SmallCNN, vectors -> MLP)."""
+    encoders = {}
+    for m in splits.modalities:
+        shape = tuple(splits.train.inputs[m].shape[1:])
+        kind = model_cfg["encoder"]
+        if kind == "auto":
+            kind = "cnn" if len(shape) >= 2 else "mlp"
+        if kind == "cnn":
+            channels = shape[0] if len(shape) == 3 else 1
+            encoders[m] = ENCODERS["cnn"](in_channels=channels, width=model_cfg["width"], out_dim=model_cfg["feature_dim"])
+        else:
+            in_dim = int(torch.tensor(shape).prod())
+            encoders[m] = ENCODERS["mlp"](in_dim=in_dim, hidden=2 * model_cfg["width"] * 2, out_dim=model_cfg["feature_dim"])
+    return MultimodalModel(encoders, splits.num_classes, fusion=model_cfg["fusion"], estimator=model_cfg["estimator"])
+
+
+def build_optimizer(optim_cfg: dict, model: MultimodalModel, method: Method) -> torch.optim.Optimizer:
+    """One parameter group per encoder (tagged ``modality``), one for the head, one for the method's own."""
+    groups = model.param_groups()
+    extra = list(method.parameters())
+    if extra:
+        groups.append(dict(params=extra, modality=None))
+    name, lr, wd = optim_cfg["name"], optim_cfg["lr"], optim_cfg["weight_decay"]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg["momentum"], weight_decay=wd)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=wd)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+
+
+def build_scheduler(optim_cfg: dict, optimizer: torch.optim.Optimizer, epochs: int):
+    if optim_cfg["schedule"] == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=optim_cfg["step_size"], gamma=optim_cfg["gamma"])
+    if optim_cfg["schedule"] == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def batches(dataset: TensorMultimodalDataset, batch_size: int, generator: torch.Generator | None = None,
+            drop_last: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Vectorised mini-batches: one index gather per batch; shuffled when a generator is given."""
+    n = len(dataset)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield dataset[order[start:start + batch_size]]
+
+
+def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
+
+
+def autocast_for(device: torch.device, bf16: bool):
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: MultimodalModel, method: Method, dataset: TensorMultimodalDataset, device: torch.device,
+             batch_size: int = 256, bf16: bool = False) -> dict[str, Any]:
+    """Fused accuracy / macro-F1 / loss (from ``method.predict``) and per-modality accuracy."""
+    was_training = model.training
+    model.eval()
+    preds, uni, losses = [], {m: [] for m in model.modalities}, []
+    for inputs, y in batches(dataset, batch_size):
+        with autocast_for(device, bf16):
+            out = model(to_device(inputs, device))
+        logits = method.predict(out).float().cpu()
+        preds.append(logits.argmax(1))
+        losses.append(F.cross_entropy(logits, y, reduction="sum"))
+        for m, z in out.unimodal_logits.items():
+            uni[m].append(z.float().argmax(1).cpu())
+    model.train(was_training)
+    pred, labels = torch.cat(preds), dataset.labels
+    return {"acc": accuracy(pred, labels), "macro_f1": macro_f1(pred, labels, dataset.num_classes),
+            "loss": float(torch.stack(losses).sum()) / max(1, len(dataset)),
+            "acc_by_modality": {m: accuracy(torch.cat(p), labels) for m, p in uni.items()}}
+
+
+@torch.no_grad()
+def extract_features(model: MultimodalModel, dataset: TensorMultimodalDataset, device: torch.device,
+                     batch_size: int = 256) -> dict[str, torch.Tensor]:
+    was_training = model.training
+    model.eval()
+    feats = {m: [] for m in model.modalities}
+    for inputs, _ in batches(dataset, batch_size):
+        for m, h in model.encode(to_device(inputs, device)).items():
+            feats[m].append(h.float().cpu())
+    model.train(was_training)
+    return {m: torch.cat(v) for m, v in feats.items()}
+
+
+def linear_probes(model: MultimodalModel, splits: DataSplits, device: torch.device) -> dict[str, float]:
+    """Test accuracy of a fresh linear classifier per frozen encoder, fitted on the training split."""
+    tr = extract_features(model, splits.train, device)
+    te = extract_features(model, splits.test, device)
+    return {m: linear_probe_accuracy(tr[m], splits.train.labels, te[m], splits.test.labels, splits.num_classes)
+            for m in model.modalities}
+
+
+# --- the trainer -----------------------------------------------------------------------------
+class Trainer:
+    """Runs one configured training job and writes its output folder.
+
+    Output folder: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one object per epoch),
+    ``summary.json`` and ``checkpoint.pt`` (saved every epoch; ``resume()`` continues from it).
+    """
+
+    def __init__(self, cfg: dict, out_dir: str | Path | None = None, echo: Callable[[str], None] = print) -> None:
+        self.cfg = copy.deepcopy(cfg)
+        t = self.cfg["train"]
+        if out_dir is None:
+            out_dir = t["out"] or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.out_dir = Path(out_dir)
+        self.echo = echo
+        self.device = resolve_device(t["device"])
+        self.bf16 = bool(t["bf16"]) and self.device.type == "cuda"
+        torch.manual_seed(t["seed"])
+        data_opts = {k: v for k, v in self.cfg["data"].items() if k != "name"}
+        self.splits = load_dataset(self.cfg["data"]["name"], **data_opts)
+        self.model = build_model(self.cfg["model"], self.splits).to(self.device)
+        self.method = build_method(**self.cfg["method"])
+        self.optimizer = build_optimizer(self.cfg["optim"], self.model, self.method)
+        self.scheduler = build_scheduler(self.cfg["optim"], self.optimizer, t["epochs"])
+        self.method.setup(self.model, self.optimizer, seed=t["seed"])
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"epoch": -1, "val_acc": -1.0, "model": None}
+        self.elapsed = 0.0
+
+    # --- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.cfg, "epoch": self.epoch, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "method": self.method.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "history": self.history, "best": self.best, "elapsed": self.elapsed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.method.load_state_dict(state["method"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
+        self.elapsed = float(state["elapsed"])
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, echo: Callable[[str], None] = print) -> "Trainer":
+        """Rebuild a run from ``run_dir/checkpoint.pt`` and continue after its last finished epoch."""
+        state = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+        trainer = cls(state["config"], out_dir=run_dir, echo=echo)
+        trainer.load_state_dict(state)
+        return trainer
+
+    # --- the loop -----------------------------------------------------------------------
+    def _shuffle_generator(self, epoch: int) -> torch.Generator:
+        # a fresh generator per epoch: batch order depends on (seed, epoch) only, so resume is exact
+        return torch.Generator().manual_seed(self.cfg["train"]["seed"] * 100_003 + epoch)
+
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        t = self.cfg["train"]
+        clip = self.cfg["optim"]["clip_grad_norm"]
+        self.model.train()
+        self.method.on_epoch_start(epoch)
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        n_batches = -(-len(self.splits.train) // t["batch_size"])
+        bar = tqdm(batches(self.splits.train, t["batch_size"], self._shuffle_generator(epoch)), total=n_batches,
+                   desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=not t["progress"], dynamic_ncols=True)
+        for inputs, y in bar:
+            inputs, y = to_device(inputs, self.device), y.to(self.device)
+            with autocast_for(self.device, self.bf16):
+                out = self.model(inputs)
+            terms = self.method.loss(out, y)
+            loss = sum(terms.values())
+            loss.backward()
+            self.method.before_step(self.model)
+            if clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+            self.optimizer.step()
+            self.method.after_step(self.model)
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, v in {"loss": loss, **terms}.items():
+                sums[k] = sums.get(k, 0) + v.detach()
+            steps += 1
+        bar.close()
+        return {k: float(v) / max(1, steps) for k, v in sums.items()}
+
+    def fit(self) -> dict[str, Any]:
+        t = self.cfg["train"]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
+        self._rewrite_metrics()
+        for stage in self.method.stages():
+            if stage.method is not None or stage.epochs is not None:
+                raise NotImplementedError("multi-stage methods are not supported by this trainer yet")
+        while self.epoch < t["epochs"]:
+            epoch = self.epoch
+            start = time.perf_counter()
+            train_stats = self.train_epoch(epoch)
+            self.scheduler.step()
+            val = evaluate(self.model, self.method, self.splits.val, self.device, bf16=self.bf16)
+            record = {"epoch": epoch, "stage": "supervised", "lr": self.optimizer.param_groups[0]["lr"],
+                      **{f"train_{k}": v for k, v in train_stats.items()},
+                      "val_acc": val["acc"], "val_macro_f1": val["macro_f1"], "val_loss": val["loss"],
+                      "val_acc_by_modality": val["acc_by_modality"], **self.method.log()}
+            self.method.on_epoch_end(epoch, record)
+            if val["acc"] > self.best["val_acc"]:
+                self.best = {"epoch": epoch, "val_acc": val["acc"],
+                             "model": copy.deepcopy(self.model.state_dict()) if t["select"] == "best_val" else None}
+            self.elapsed += time.perf_counter() - start
+            record["seconds"] = time.perf_counter() - start
+            self.history.append(record)
+            self.epoch = epoch + 1
+            self._append_metrics(record)
+            save_checkpoint(self.state_dict(), self.out_dir / "checkpoint.pt")
+            self.echo(format_epoch(record, t["epochs"]))
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        """Pick the reported model (last epoch, or best validation epoch), evaluate it on test once."""
+        t = self.cfg["train"]
+        selected = self.epoch - 1
+        if t["select"] == "best_val" and self.best["model"] is not None:
+            self.model.load_state_dict(self.best["model"])
+            selected = self.best["epoch"]
+        start = time.perf_counter()
+        test = evaluate(self.model, self.method, self.splits.test, self.device, bf16=self.bf16)
+        probes = linear_probes(self.model, self.splits, self.device) if t["probe"] else {}
+        summary = {
+            "method": self.cfg["method"]["name"], "dataset": self.cfg["data"]["name"], "seed": t["seed"],
+            "epochs": t["epochs"], "fusion": self.cfg["model"]["fusion"], "estimator": self.model.estimator,
+            "modalities": list(self.model.modalities),
+            "selection": t["select"], "selected_epoch": selected,
+            "val_acc": self.history[selected]["val_acc"] if self.history else float("nan"),
+            "test_acc": test["acc"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"],
+            "test_acc_by_modality": test["acc_by_modality"], "probe_acc_by_modality": probes,
+            "seconds": self.elapsed + time.perf_counter() - start,
+        }
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        self.echo(format_summary(summary))
+        return summary
+
+    def _rewrite_metrics(self) -> None:
+        with open(self.out_dir / "metrics.jsonl", "w") as fh:
+            for rec in self.history:
+                fh.write(json.dumps(rec) + "\n")
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+# --- pretty output -----------------------------------------------------------------------------
+def format_epoch(rec: dict[str, Any], total: int) -> str:
+    mods = rec["val_acc_by_modality"]
+    parts = [f"epoch {rec['epoch'] + 1:>3}/{total}", f"loss {rec['train_loss']:.4f}", f"val acc {rec['val_acc']:.4f}",
+             "per-modality " + " ".join(f"{m} {a:.3f}" for m, a in mods.items())]
+    ks = {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith("k/")}
+    if ks:
+        parts.append("k " + " ".join(f"{m} {v:.3f}" for m, v in ks.items()))
+    parts.append(f"{rec['seconds']:.1f}s")
+    return " | ".join(parts)
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    rows = [("method", s["method"]), ("dataset", s["dataset"]), ("fusion / estimator", f"{s['fusion']} / {s['estimator']}"),
+            ("reported epoch", f"{s['selected_epoch'] + 1} ({s['selection']})"),
+            ("test accuracy (fused)", f"{s['test_acc']:.4f}"), ("test macro-F1", f"{s['test_macro_f1']:.4f}")]
+    for m, a in s["test_acc_by_modality"].items():
+        rows.append((f"test accuracy [{m}]", f"{a:.4f}"))
+    for m, a in s["probe_acc_by_modality"].items():
+        rows.append((f"linear probe [{m}]", f"{a:.4f}"))
+    rows.append(("seconds", f"{s['seconds']:.1f}"))
+    width = max(len(r[0]) for r in rows)
+    line = "-" * (width + 14)
+    return "\n".join([line, *(f"{k:<{width}}  {v}" for k, v in rows), line])
