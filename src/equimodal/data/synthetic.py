@@ -1,8 +1,8 @@
 """The embedded default dataset: procedurally generated audio-visual classification, made from a seed.
 
-Every class has one visual prototype (a smooth random 16x16 image), one audio prototype (a 24x24
-log-spectrogram-like array: two harmonic bands at class-specific frequencies with an onset at a random
-time) and, for the three-modality variant, one tactile prototype (a smooth 12x12 image). A sample is
+Every class has one visual prototype (a smooth random 16x16 image), one audio pattern (a 24x24
+log-spectrogram-like array: two notes, i.e. frequency bands, one after the other from a random onset;
+the class is the *ordered* pair, each class's reverse is another class) and, for the three-modality variant, one tactile prototype (a smooth 12x12 image). A sample is
 its class prototype, randomly shifted, scaled by a signal amplitude, plus Gaussian noise of a
 per-modality strength; with probability ``<modality>_missing`` a sample's pattern is absent (pure
 noise), so that modality cannot decide that sample and the other modality must.
@@ -31,18 +31,36 @@ def _smooth_prototypes(num_classes: int, size: int, gen: torch.Generator) -> tor
     return img / img.std(dim=(2, 3), keepdim=True)
 
 
-def _audio_samples(labels: torch.Tensor, size: int, gen: torch.Generator, class_freqs: torch.Tensor) -> torch.Tensor:
-    """Spectrogram-like arrays (B x 1 x freq x time): two Gaussian bands at the class's frequencies,
-    each jittered by up to one bin, active from a random onset for a random duration."""
+def audio_note_pairs(num_classes: int) -> list[tuple[int, int]]:
+    """Class c -> (first note, second note). Each class's reverse is also a class, so the *set* of
+    frequencies never identifies a class: only their temporal order does."""
+    n_notes = 2
+    while n_notes * (n_notes - 1) < num_classes:
+        n_notes += 1
+    pairs = []
+    for i in range(n_notes):
+        for j in range(i + 1, n_notes):
+            pairs += [(i, j), (j, i)]
+    return pairs[:num_classes], n_notes
+
+
+def _audio_samples(labels: torch.Tensor, size: int, gen: torch.Generator, note_freqs: torch.Tensor,
+                   pairs: torch.Tensor) -> torch.Tensor:
+    """Spectrogram-like arrays (B x 1 x freq x time): two notes (Gaussian frequency bands, jittered by
+    up to one bin) played one after the other from a random onset. The class is the ordered pair of
+    notes, so an encoder must learn temporal order; average-pooled random features cannot see it."""
     n = labels.numel()
-    freqs = torch.arange(size).float().view(1, 1, size)  # 1 x 1 x F
-    centres = class_freqs[labels].float() + torch.randint(-1, 2, (n, 2), generator=gen).float()  # n x 2
-    bands = torch.exp(-0.5 * ((freqs - centres.unsqueeze(-1)) / 1.0) ** 2).sum(1)  # n x F
-    t = torch.arange(size).float().view(1, size)
-    onset = torch.randint(0, size // 2, (n, 1), generator=gen).float()
-    length = torch.randint(size // 3, size // 2 + 1, (n, 1), generator=gen).float()
-    env = ((t >= onset) & (t < onset + length)).float()  # n x T
-    spec = bands.unsqueeze(-1) * env.unsqueeze(1)  # n x F x T
+    f = torch.arange(size).float().view(1, size, 1)
+    t = torch.arange(size).float().view(1, 1, size)
+    note_len = size // 4
+    onset = torch.randint(0, size - 2 * note_len + 1, (n, 1, 1), generator=gen).float()
+    spec = torch.zeros(n, size, size)
+    for k in range(2):
+        centre = note_freqs[pairs[labels, k]].float().view(n, 1, 1)
+        centre = centre + torch.randint(-1, 2, (n, 1, 1), generator=gen).float()
+        band = torch.exp(-0.5 * (f - centre) ** 2)
+        start = onset + k * note_len
+        spec = spec + band * ((t >= start) & (t < start + note_len)).float()
     spec = (spec - spec.mean(dim=(1, 2), keepdim=True)) / spec.std(dim=(1, 2), keepdim=True)
     return spec.unsqueeze(1)
 
@@ -70,14 +88,15 @@ def make_synthetic(n: int, seed: int, num_classes: int = 10, modalities: tuple[s
     missing = missing or {}
     proto_gen = torch.Generator().manual_seed(prototype_seed)
     protos = {m: _smooth_prototypes(num_classes, SIZES[m], proto_gen) for m in ("visual", "tactile")}
-    perm = torch.randperm(SIZES["audio"] - 4, generator=proto_gen) + 2  # band centres away from the edges
-    classes = torch.arange(num_classes)
-    class_freqs = torch.stack([perm[classes % perm.numel()], perm[(classes + num_classes) % perm.numel()]], dim=1)
+    pair_list, n_notes = audio_note_pairs(num_classes)
+    pairs = torch.tensor(pair_list)
+    spacing = (SIZES["audio"] - 4) / n_notes  # evenly spaced note frequencies, shuffled per prototype seed
+    note_freqs = (2 + spacing * (0.5 + torch.arange(n_notes))).round()[torch.randperm(n_notes, generator=proto_gen)]
     gen = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, (n,), generator=gen)
     inputs = {}
     for m in MODALITIES:  # always draw every modality so a 2-modality set equals a 3-modality one minus a key
-        clean = (_audio_samples(labels, SIZES[m], gen, class_freqs) if m == "audio"
+        clean = (_audio_samples(labels, SIZES[m], gen, note_freqs, pairs) if m == "audio"
                  else _image_samples(labels, protos[m], gen))
         present = (torch.rand(n, 1, 1, 1, generator=gen) >= missing.get(m, 0.0)).float()
         x = amplitude * present * clean + noise.get(m, 0.0) * torch.randn(clean.shape, generator=gen)

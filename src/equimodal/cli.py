@@ -1,0 +1,140 @@
+"""Command-line interface: ``equimodal train | eval | methods``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+# flag -> config key; each flag is a shortcut for ``--set KEY=VALUE``
+SHORTCUTS = {
+    "dataset": "data.name", "method": "method.name", "fusion": "model.fusion", "estimator": "model.estimator",
+    "epochs": "train.epochs", "batch_size": "train.batch_size", "seed": "train.seed", "device": "train.device",
+    "out": "train.out", "optimizer": "optim.name", "lr": "optim.lr", "schedule": "optim.schedule",
+}
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model (default: joint training on the embedded synthetic data)",
+                       description="Train one run. Every config key can be set with --set section.key=value; "
+                                   "the flags below are shortcuts. Output goes to --out (default runs/<timestamp>).")
+    p.add_argument("--config", type=Path, help="YAML config file (overrides the defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set method.alpha=0.5 (repeatable; values are YAML)")
+    p.add_argument("--dataset", help="dataset name (synthetic, synthetic3)")
+    p.add_argument("--method", help="method name (see `equimodal methods`)")
+    p.add_argument("--fusion", help="concat | sum | late | film | gated")
+    p.add_argument("--estimator", help="unimodal-logit estimator: auto | exact | probe | mask")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", help="sgd | adam | adamw")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--schedule", help="step | cosine | none")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the interrupted run in DIR")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import ConfigError, dump_config, load_config
+    from .train import Trainer
+
+    if args.resume is not None:
+        if args.config or args.overrides or any(getattr(args, k) is not None for k in SHORTCUTS):
+            print("error: --resume takes the config of the run being resumed; drop the other options", file=sys.stderr)
+            return 2
+        if not (args.resume / "checkpoint.pt").is_file():
+            print(f"error: no checkpoint.pt in {args.resume}", file=sys.stderr)
+            return 2
+        trainer = Trainer.resume(args.resume)
+        print(f"resuming {args.resume} after epoch {trainer.epoch} of {trainer.cfg['train']['epochs']}")
+        trainer.fit()
+        return 0
+    overrides = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
+    overrides += list(args.overrides)
+    if args.no_progress:
+        overrides.append("train.progress=false")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    trainer = Trainer(cfg)
+    m = cfg["method"]
+    print(f"equimodal {__version__}: {m['name']} on {cfg['data']['name']} ({', '.join(trainer.splits.modalities)}), "
+          f"fusion {cfg['model']['fusion']} / estimator {trainer.model.estimator}, device {trainer.device}, "
+          f"output {trainer.out_dir}")
+    trainer.fit()
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_dataset
+    from .methods import build_method
+    from .train import build_model, evaluate, load_checkpoint
+    from .train.trainer import resolve_device
+
+    state = load_checkpoint(args.checkpoint)
+    cfg = state["config"]
+    device = resolve_device(args.device or cfg["train"]["device"])
+    splits = load_dataset(cfg["data"]["name"], **{k: v for k, v in cfg["data"].items() if k != "name"})
+    model = build_model(cfg["model"], splits).to(device)
+    model.load_state_dict(state["model"])
+    method = build_method(**cfg["method"])
+    method.load_state_dict(state["method"])
+    result = evaluate(model, method, getattr(splits, args.split), device,
+                      bf16=bool(cfg["train"]["bf16"]) and device.type == "cuda")
+    result = {"checkpoint": str(args.checkpoint), "split": args.split, "epochs_trained": state["epoch"], **result}
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .methods import available_methods, method_options
+
+    methods = available_methods()
+    width = max(map(len, methods))
+    for name, line in methods.items():
+        print(f"{name:<{width}}  {line}")
+        if args.verbose:
+            opts = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items()) or "(no options)"
+            print(f"{'':<{width}}  options: {opts}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="equimodal", description="Balanced multimodal learning.")
+    parser.add_argument("--version", action="version", version=f"equimodal {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    _add_train(sub)
+    p = sub.add_parser("eval", help="re-evaluate a saved run")
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt or a run folder")
+    p.add_argument("--split", choices=("test", "val"), default="test")
+    p.add_argument("--device", help="auto | cpu | cuda (default: the run's)")
+    p = sub.add_parser("methods", help="list the registered methods")
+    p.add_argument("-v", "--verbose", action="store_true", help="also list each method's options")
+    return parser
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

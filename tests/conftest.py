@@ -1,0 +1,25 @@
+import pytest
+import torch
+
+from equimodal.models import MultimodalModel, SmallCNN
+
+#: a run small enough for the CPU test suite (a few seconds), on the real default data generator
+TINY = ["data.n_train=600", "data.n_test=300", "model.width=8", "model.feature_dim=16",
+        "train.epochs=2", "train.batch_size=50", "train.progress=false", "train.device=cpu"]
+
+
+@pytest.fixture
+def tiny_overrides():
+    return list(TINY)
+
+
+def make_model(modalities=("audio", "visual"), fusion="concat", estimator="auto", classes=5, width=8, dim=12):
+    torch.manual_seed(0)
+    encoders = {m: SmallCNN(width=width, out_dim=dim) for m in modalities}
+    return MultimodalModel(encoders, classes, fusion=fusion, estimator=estimator)
+
+
+def fake_batch(modalities=("audio", "visual"), n=6, classes=5, size=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ({m: torch.randn(n, 1, size, size, generator=g) for m in modalities},
+            torch.randint(0, classes, (n,), generator=g))
