@@ -4,7 +4,7 @@ import torch
 from equimodal.models import MultimodalModel, SmallCNN
 
 #: a run small enough for the CPU test suite (a few seconds), on the real default data generator
-TINY = ["data.n_train=600", "data.n_test=300", "model.width=8", "model.feature_dim=16",
+TINY = ["data.n_train=600", "data.n_test=300", "model.width=16", "model.feature_dim=32", "optim.lr=0.1",
         "train.epochs=2", "train.batch_size=50", "train.progress=false", "train.device=cpu"]
 
 

@@ -28,7 +28,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "method": {"name": "joint"},
     "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
               "step_size": 10, "gamma": 0.1, "clip_grad_norm": None},
-    "train": {"epochs": 12, "batch_size": 64, "seed": 0, "device": "auto", "bf16": True,
+    "train": {"epochs": 12, "batch_size": 64, "accumulate": 1, "seed": 0, "device": "auto", "bf16": True,
               "select": "last", "probe": True, "out": None, "progress": True},
 }
 
@@ -40,7 +40,8 @@ CHOICES: dict[str, tuple] = {
     "optim.schedule": ("step", "cosine", "none"),
     "train.select": ("last", "best_val"),
 }
-POSITIVE = ("model.width", "model.feature_dim", "optim.lr", "optim.step_size", "train.epochs", "train.batch_size")
+POSITIVE = ("model.width", "model.feature_dim", "optim.lr", "optim.step_size", "train.epochs", "train.batch_size",
+            "train.accumulate")
 
 
 def _deep_merge(base: dict, extra: dict, prefix: str = "") -> dict:
@@ -145,6 +146,9 @@ def resolve(raw: dict) -> dict:
         s, k = key.split(".")
         if not cfg[s][k] > 0:
             raise ConfigError(f"{key}: must be > 0, got {cfg[s][k]!r}")
+    clip = cfg["optim"]["clip_grad_norm"]
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
+        raise ConfigError(f"optim.clip_grad_norm: expected null or a number > 0, got {clip!r}")
     device = cfg["train"]["device"]
     if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:")):
         raise ConfigError(f"train.device: {device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")

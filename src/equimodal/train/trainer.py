@@ -214,22 +214,25 @@ class Trainer:
         n_batches = -(-len(self.splits.train) // t["batch_size"])
         bar = tqdm(batches(self.splits.train, t["batch_size"], self._shuffle_generator(epoch)), total=n_batches,
                    desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=not t["progress"], dynamic_ncols=True)
-        for inputs, y in bar:
+        accumulate = t["accumulate"]
+        for i, (inputs, y) in enumerate(bar):
             inputs, y = to_device(inputs, self.device), y.to(self.device)
             with autocast_for(self.device, self.bf16):
                 out = self.model(inputs)
             terms = self.method.loss(out, y)
             loss = sum(terms.values())
-            loss.backward()
+            (loss / accumulate).backward()
+            for k, v in {"loss": loss, **terms}.items():
+                sums[k] = sums.get(k, 0) + v.detach()
+            steps += 1
+            if (i + 1) % accumulate and i + 1 < n_batches:
+                continue  # accumulate gradients over micro-batches; one optimizer step per group
             self.method.before_step(self.model)
             if clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
             self.method.after_step(self.model)
             self.optimizer.zero_grad(set_to_none=True)
-            for k, v in {"loss": loss, **terms}.items():
-                sums[k] = sums.get(k, 0) + v.detach()
-            steps += 1
         bar.close()
         return {k: float(v) / max(1, steps) for k, v in sums.items()}
 
