@@ -44,8 +44,12 @@ def test_plain_loop_two_steps(name):
     assert method.predict(model(x)).shape == (6, 5)
     state = method.state_dict()
     fresh = build_method(name)
+    fresh.setup(make_model(("audio", "visual", "text")), seed=0)  # resume order: setup, then load
     fresh.load_state_dict(state)
     assert fresh.state_dict().keys() == state.keys()
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(fresh.state_dict()[key], value), key
 
 
 class Recorder(Method):

@@ -115,8 +115,27 @@ class Method:
         return [Stage()]
 
     def parameters(self) -> list[nn.Parameter]:
-        """The method's own learnable values (the trainer adds them to the optimizer)."""
+        """The method's own learnable values (auxiliary heads, log-variances), built in ``setup``.
+
+        They live outside the model (and outside a DDP wrapper): ``attach_parameters`` adds them to
+        the optimizer, and a distributed user must all-reduce their gradients (``before_step`` does
+        it for the methods here)."""
         return []
+
+    def attach_parameters(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+        """Move the method's own parameters to the model's device and add them to ``optimizer``
+        as one parameter group (call at the end of ``setup``)."""
+        params = self.parameters()
+        if not params:
+            return
+        device = next(unwrap(model).parameters()).device
+        for p in params:
+            p.data = p.data.to(device)
+        if optimizer is not None:
+            known = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            fresh = [p for p in params if id(p) not in known]
+            if fresh:
+                optimizer.add_param_group({"params": fresh, "modality": None})
 
     def log(self) -> dict[str, float]:
         """Figures gathered since the last call (the trainer calls it once per epoch), then reset."""

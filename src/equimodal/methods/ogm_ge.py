@@ -131,7 +131,7 @@ class OGMGE(Method):
         self._stats = None
         n = len(self._modalities)
         rho = discrepancy_ratios(stats[:n])
-        k = ogm_coefficients(rho, self.alpha, self.coefficient)
+        k = self.coefficients(rho)
         self.last_ratios, self.last_coefficients = rho, k
         row = torch.cat([rho, k, rho.new_ones(1)])
         self._trace = row if self._trace is None else self._trace + row
@@ -141,15 +141,25 @@ class OGMGE(Method):
             self._modulate(k)
         self.step += 1
 
+    def coefficients(self, ratios: torch.Tensor) -> torch.Tensor:
+        """k_u from rho_u (methods.md 1.4); subclasses change the rule here."""
+        return ogm_coefficients(ratios, self.alpha, self.coefficient)
+
+    def noise_scales(self, k: torch.Tensor) -> torch.Tensor | None:
+        """Per-modality multiplier of the N(0, std(g)^2) noise, or None for no noise.
+        GE (methods.md 1.5): 1 for every modality, also where k_u = 1."""
+        return torch.ones_like(k) if self.ge else None
+
     def _modulate(self, k: torch.Tensor) -> None:
-        """Gradient level: g <- k_u * g (+ N(0, std(g)^2) with GE, std of the unmodulated g).
-        Update level: only the GE noise here (the step itself is scaled through the learning rate)."""
+        """Gradient level: g <- k_u * g + c_u * N(0, std(g)^2), std of the unmodulated g, c_u from
+        ``noise_scales``. Update level: only the noise here (the step is scaled through the lr)."""
+        scales = self.noise_scales(k)
         generators: dict[torch.device, torch.Generator] = {}
         for i, m in enumerate(self._modalities):
             grads = [p.grad for p in self._params[m] if p.grad is not None]
             if not grads:
                 continue
-            stds = [g.std() if g.numel() > 1 else g.new_zeros(()) for g in grads] if self.ge else []
+            stds = [g.std() if g.numel() > 1 else g.new_zeros(()) for g in grads] if scales is not None else []
             if self.level == "gradient":
                 torch._foreach_mul_(grads, k[i].to(device=grads[0].device, dtype=grads[0].dtype))
             for g, std in zip(grads, stds):
@@ -157,7 +167,7 @@ class OGMGE(Method):
                 if gen is None:  # one generator per device, seeded by (run seed, step)
                     gen = generators[g.device] = torch.Generator(device=g.device)
                     gen.manual_seed(self.seed * 1_000_003 + self.step)
-                g.add_(torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype) * std)
+                g.add_(torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype) * (std * scales[i]))
 
     def _scale_updates(self, k: torch.Tensor) -> None:
         ks = k.tolist()  # one host sync per step: the learning rate is a Python number

@@ -58,11 +58,9 @@ def build_model(model_cfg: dict, splits: DataSplits) -> MultimodalModel:
 
 
 def build_optimizer(optim_cfg: dict, model: MultimodalModel, method: Method) -> torch.optim.Optimizer:
-    """One parameter group per encoder (tagged ``modality``), one for the head, one for the method's own."""
+    """One parameter group per encoder (tagged ``modality``) and one for the head; a method adds a
+    group for its own parameters in ``setup`` (``Method.attach_parameters``)."""
     groups = model.param_groups()
-    extra = list(method.parameters())
-    if extra:
-        groups.append(dict(params=extra, modality=None))
     name, lr, wd = optim_cfg["name"], optim_cfg["lr"], optim_cfg["weight_decay"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg["momentum"], weight_decay=wd)

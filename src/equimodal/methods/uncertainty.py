@@ -1,0 +1,146 @@
+"""Uncertainty-weighted unimodal auxiliary losses (Kendall et al. 2018). methods.md §3."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._dist import all_reduce_sum, world_size
+from ..models.multimodal import ModelOutput
+from ._base import Method, unwrap
+from ._registry import register_method
+from .ogm_ge import OGMGE
+
+
+def uncertainty_weighted_loss(losses: torch.Tensor, log_vars: torch.Tensor) -> torch.Tensor:
+    """L = sum_t exp(-s_t) * L_t + s_t / 2 (classification form; s_t = log sigma_t^2)."""
+    return (torch.exp(-log_vars) * losses + 0.5 * log_vars).sum()
+
+
+@register_method("uncertainty")
+class Uncertainty(Method):
+    """Uncertainty-weighted unimodal auxiliary losses (Kendall et al., CVPR 2018): each encoder also trains its own classifier.
+
+    Tasks: the fused prediction and one linear head per modality on its (not detached) features.
+    With learnable s_t = log sigma_t^2 (initialised at 0) the loss is
+    L = sum_t exp(-s_t) L_t + s_t / 2, so the weak modality gets its own gradient signal through its
+    auxiliary head and the network learns how much each task weighs. ``modulation`` = ``ogm`` or
+    ``ogm-ge`` adds OGM(-GE) gradient modulation (alpha, params as in ``ogm-ge``) on top, with the
+    ratio from the model's unimodal logits. Logged per epoch: the weights exp(-s_t) as ``weight/<task>``.
+    The heads and log-variances are the method's own parameters (``parameters()``), added to the
+    optimizer in ``setup``; under torch.distributed their gradients are all-reduced in
+    ``before_step``. Evaluation predicts from the fused logits. Hooks: setup, loss, before_step, log.
+    """
+
+    needs_unimodal_logits = False
+    min_modalities = 1
+
+    def __init__(self, learn_weights: bool = True, modulation: str = "none", alpha: float = 0.8,
+                 params: str = "conv") -> None:
+        super().__init__()
+        if modulation not in ("none", "ogm", "ogm-ge"):
+            raise ValueError(f"modulation must be one of ['none', 'ogm', 'ogm-ge'], got {modulation!r}")
+        self.learn_weights = bool(learn_weights)
+        self.modulation = modulation
+        self._ogm = OGMGE(alpha=alpha, params=params, ge=modulation == "ogm-ge",
+                          modulation_ends=10**9) if modulation != "none" else None
+        self.heads: nn.ModuleDict | None = None
+        self.log_vars: nn.Parameter | None = None
+        self._modalities: tuple[str, ...] = ()
+        self._weight_sum: torch.Tensor | None = None
+        self._weight_n = 0
+
+    def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
+        super().setup(model, optimizer, seed)
+        inner = unwrap(model)
+        self._modalities = tuple(inner.modalities)
+        if self.heads is None:
+            dims = {}
+            for m in self._modalities:
+                dim = getattr(inner.encoder(m), "out_dim", None)
+                if dim is None:
+                    raise TypeError(f"uncertainty: encoder {m!r} has no 'out_dim'; the auxiliary heads need it")
+                dims[m] = int(dim)
+            gen = torch.Generator().manual_seed(self.seed + 7)  # heads independent of the global RNG
+            self.heads = nn.ModuleDict({m: nn.Linear(d, inner.num_classes) for m, d in dims.items()})
+            for head in self.heads.values():
+                bound = 1 / head.in_features ** 0.5
+                with torch.no_grad():
+                    head.weight.uniform_(-bound, bound, generator=gen)
+                    head.bias.uniform_(-bound, bound, generator=gen)
+            self.log_vars = nn.Parameter(torch.zeros(1 + len(self._modalities)), requires_grad=self.learn_weights)
+        self.attach_parameters(model, optimizer)
+        if self._ogm is not None:
+            self._ogm.setup(model, optimizer, seed)
+
+    def parameters(self) -> list[nn.Parameter]:
+        if self.heads is None:
+            return []
+        return [*self.heads.parameters(), *([self.log_vars] if self.learn_weights else [])]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return ("fused", *self._modalities)
+
+    def loss(self, output: ModelOutput, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        per_task = [F.cross_entropy(output.logits.float(), targets)]
+        per_task += [F.cross_entropy(self.heads[m](output.features[m]).float(), targets) for m in self._modalities]
+        losses = torch.stack(per_task)
+        terms = {f"task/{t}": (torch.exp(-self.log_vars[i]) * losses[i] + 0.5 * self.log_vars[i])
+                 for i, t in enumerate(self.tasks)}
+        if output.logits.requires_grad:
+            w = torch.exp(-self.log_vars.detach())
+            self._weight_sum = w if self._weight_sum is None else self._weight_sum + w
+            self._weight_n += 1
+        if self._ogm is not None:
+            self._ogm.loss(output, targets)  # records the scores for the modulation
+        return {**terms, **output.estimator_losses(targets)}
+
+    def before_step(self, model: nn.Module) -> None:
+        if world_size() > 1:
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            if grads:
+                flat = all_reduce_sum(torch.cat([g.flatten() for g in grads])) / world_size()
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+        if self._ogm is not None:
+            self._ogm.before_step(model)
+
+    def after_step(self, model: nn.Module) -> None:
+        if self._ogm is not None:
+            self._ogm.after_step(model)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        if self._ogm is not None:
+            self._ogm.on_epoch_start(epoch)
+
+    def log(self) -> dict[str, float]:
+        out = self._ogm.log() if self._ogm is not None else {}
+        if self._weight_sum is not None:
+            w = (self._weight_sum / self._weight_n).tolist()
+            out.update({f"weight/{t}": w[i] for i, t in enumerate(self.tasks)})
+            self._weight_sum, self._weight_n = None, 0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"epoch": self.epoch}
+        if self.heads is not None:
+            state["heads"] = self.heads.state_dict()
+            state["log_vars"] = self.log_vars.detach().clone()
+        if self._ogm is not None:
+            state["ogm"] = self._ogm.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state.get("epoch", 0))
+        if "heads" in state and self.heads is not None:
+            self.heads.load_state_dict(state["heads"])
+            with torch.no_grad():
+                self.log_vars.copy_(state["log_vars"])
+        if "ogm" in state and self._ogm is not None:
+            self._ogm.load_state_dict(state["ogm"])
