@@ -78,7 +78,8 @@ def test_hook_order_and_counts(tmp_path, tiny_overrides, accumulate):
                                                   "train.probe=false", f"train.accumulate={accumulate}"])
     trainer = Trainer(cfg, out_dir=tmp_path, echo=lambda s: None)
     calls: list[str] = []
-    trainer.method = Recorder(trainer.method, calls)
+    trainer.method = trainer.active = Recorder(trainer.active, calls)
+    trainer.plan = [(n, trainer.active, e) for n, _, e in trainer.plan]
     trainer.fit()
     n_batches = -(-len(trainer.splits.train) // 50)  # 225 samples -> 5 micro-batches
     n_steps = -(-n_batches // accumulate)

@@ -3,9 +3,11 @@
 The loop that calls them (our ``Trainer`` or a user's own) looks like this; each hook's docstring
 says exactly where it runs and what state the gradients are in::
 
-    method.setup(model, optimizer, seed=seed)
     for stage in method.stages():            # most methods: one supervised stage
-        for epoch in ...:
+        runner = stage.method or method
+        runner.on_stage_start(stage.name, resumed=False)
+        runner.setup(model, optimizer, seed=seed)   # a fresh optimizer per stage
+        for epoch in ...:                    # counted from 0 within the stage
             method.on_epoch_start(epoch)
             for inputs, targets in loader:
                 out = model(inputs)
@@ -69,7 +71,9 @@ class Method:
 
     # --- hooks -----------------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
-        """Once, before training: check the model offers what the method needs and cache what it uses.
+        """Before training (and again at the start of each later stage the method runs, with that
+        stage's fresh optimizer, so it must be idempotent): check the model offers what the method
+        needs, cache what it uses, build owned heads, add own parameters to the optimizer.
 
         ``model`` may be wrapped (DDP); methods read only the multimodal contract of the inner model.
         """
@@ -99,8 +103,13 @@ class Method:
     def after_step(self, model: nn.Module) -> None:
         """Right after ``optimizer.step()``, before ``zero_grad``. Undo per-step optimizer changes."""
 
+    def on_stage_start(self, stage: str, resumed: bool = False) -> None:
+        """At the start of each stage this method runs, before ``setup`` for that stage.
+        ``resumed`` is True when a run restarts inside the stage (do not re-initialise weights then)."""
+
     def on_epoch_start(self, epoch: int) -> None:
-        """Before the first batch of ``epoch`` (counted from 0)."""
+        """Before the first batch of ``epoch`` (counted from 0 within the stage), after the trainer
+        put the model in training mode (a method may switch frozen parts back to eval here)."""
         self.epoch = int(epoch)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
@@ -109,6 +118,10 @@ class Method:
     def predict(self, output: ModelOutput) -> torch.Tensor:
         """Logits used for evaluation. Default: the fused logits."""
         return output.logits
+
+    def unimodal_logits(self, output: ModelOutput) -> dict[str, torch.Tensor]:
+        """Per-modality logits used to report per-modality accuracy. Default: the model's estimator."""
+        return output.unimodal_logits
 
     def stages(self) -> list[Stage]:
         """Training phases, run in order. Default: one supervised stage run by this method."""
@@ -139,6 +152,10 @@ class Method:
 
     def log(self) -> dict[str, float]:
         """Figures gathered since the last call (the trainer calls it once per epoch), then reset."""
+        return {}
+
+    def log_stage(self) -> dict[str, Any]:
+        """Extra figures for the end-of-stage report of a multi-stage method (e.g. the chosen teacher)."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -103,15 +103,15 @@ def evaluate(model: MultimodalModel, method: Method, dataset: TensorMultimodalDa
     """Fused accuracy / macro-F1 / loss (from ``method.predict``) and per-modality accuracy."""
     was_training = model.training
     model.eval()
-    preds, uni, losses = [], {m: [] for m in model.modalities}, []
+    preds, uni, losses = [], {}, []
     for inputs, y in batches(dataset, batch_size):
         with autocast_for(device, bf16):
             out = model(to_device(inputs, device))
         logits = method.predict(out).float().cpu()
         preds.append(logits.argmax(1))
         losses.append(F.cross_entropy(logits, y, reduction="sum"))
-        for m, z in out.unimodal_logits.items():
-            uni[m].append(z.float().argmax(1).cpu())
+        for m, z in method.unimodal_logits(out).items():
+            uni.setdefault(m, []).append(z.float().argmax(1).cpu())
     model.train(was_training)
     pred, labels = torch.cat(preds), dataset.labels
     return {"acc": accuracy(pred, labels), "macro_f1": macro_f1(pred, labels, dataset.num_classes),
@@ -162,27 +162,59 @@ class Trainer:
         self.splits = load_dataset(self.cfg["data"]["name"], **data_opts)
         self.model = build_model(self.cfg["model"], self.splits).to(self.device)
         self.method = build_method(**self.cfg["method"])
-        self.optimizer = build_optimizer(self.cfg["optim"], self.model, self.method)
-        self.scheduler = build_scheduler(self.cfg["optim"], self.optimizer, t["epochs"])
-        self.method.setup(self.model, self.optimizer, seed=t["seed"])
-        self.epoch = 0
+        # the plan: (stage name, method that runs it, epochs); one supervised stage for most methods
+        self.plan = [(st.name, st.method or self.method, st.epochs if st.epochs is not None else t["epochs"])
+                     for st in self.method.stages()]
+        self.total_epochs = sum(e for _, _, e in self.plan)
+        self.epoch = 0  # global epoch, across stages
         self.history: list[dict[str, Any]] = []
+        self.stage_reports: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": -1, "val_acc": -1.0, "model": None}
         self.elapsed = 0.0
+        self.stage_index = -1
+        self._enter_stage(0, resumed=False)
+
+    def _stage_at(self, epoch: int) -> tuple[int, int]:
+        """(stage index, epoch within the stage) of a global epoch."""
+        start = 0
+        for i, (_, _, n) in enumerate(self.plan):
+            if epoch < start + n:
+                return i, epoch - start
+            start += n
+        return len(self.plan) - 1, epoch - (start - self.plan[-1][2])
+
+    def _enter_stage(self, index: int, resumed: bool) -> None:
+        """Fresh optimizer and scheduler for the stage, then the stage method's hooks."""
+        name, method, epochs = self.plan[index]
+        self.stage_index, self.active = index, method
+        self.optimizer = build_optimizer(self.cfg["optim"], self.model, method)
+        self.scheduler = build_scheduler(self.cfg["optim"], self.optimizer, epochs)
+        method.on_stage_start(name, resumed=resumed)
+        method.setup(self.model, self.optimizer, seed=self.cfg["train"]["seed"])
 
     # --- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.cfg, "epoch": self.epoch, "model": self.model.state_dict(),
+        return {"config": self.cfg, "epoch": self.epoch, "stage_index": self.stage_index,
+                "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "method": self.method.state_dict(), "torch_rng": torch.get_rng_state(),
+                "method": self.method.state_dict(),
+                "stage_method": self.active.state_dict() if self.active is not self.method else None,
+                "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "history": self.history, "best": self.best, "elapsed": self.elapsed}
+                "history": self.history, "stage_reports": self.stage_reports, "best": self.best,
+                "elapsed": self.elapsed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.method.load_state_dict(state["method"])
+        index = state.get("stage_index", 0)
+        if index != self.stage_index:
+            self._enter_stage(index, resumed=True)
+        if state.get("stage_method") is not None:
+            self.active.load_state_dict(state["stage_method"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.method.load_state_dict(state["method"])
+        self.stage_reports = state.get("stage_reports", [])
         torch.set_rng_state(state["torch_rng"])
         if state.get("cuda_rng") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -202,22 +234,27 @@ class Trainer:
         # a fresh generator per epoch: batch order depends on (seed, epoch) only, so resume is exact
         return torch.Generator().manual_seed(self.cfg["train"]["seed"] * 100_003 + epoch)
 
-    def train_epoch(self, epoch: int) -> dict[str, float]:
+    def train_epoch(self, epoch: int, stage_epoch: int) -> dict[str, float]:
+        """One pass over the training split with the active stage's method."""
         t = self.cfg["train"]
         clip = self.cfg["optim"]["clip_grad_norm"]
+        method = self.active
         self.model.train()
-        self.method.on_epoch_start(epoch)
+        method.on_epoch_start(stage_epoch)
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         n_batches = -(-len(self.splits.train) // t["batch_size"])
+        name = self.plan[self.stage_index][0]
+        label = f"{name} " if len(self.plan) > 1 else ""
         bar = tqdm(batches(self.splits.train, t["batch_size"], self._shuffle_generator(epoch)), total=n_batches,
-                   desc=f"epoch {epoch + 1}/{t['epochs']}", leave=False, disable=not t["progress"], dynamic_ncols=True)
+                   desc=f"{label}epoch {epoch + 1}/{self.total_epochs}", leave=False, disable=not t["progress"],
+                   dynamic_ncols=True)
         accumulate = t["accumulate"]
         for i, (inputs, y) in enumerate(bar):
             inputs, y = to_device(inputs, self.device), y.to(self.device)
             with autocast_for(self.device, self.bf16):
                 out = self.model(inputs)
-            terms = self.method.loss(out, y)
+            terms = method.loss(out, y)
             loss = sum(terms.values())
             (loss / accumulate).backward()
             for k, v in {"loss": loss, **terms}.items():
@@ -225,11 +262,11 @@ class Trainer:
             steps += 1
             if (i + 1) % accumulate and i + 1 < n_batches:
                 continue  # accumulate gradients over micro-batches; one optimizer step per group
-            self.method.before_step(self.model)
+            method.before_step(self.model)
             if clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
-            self.method.after_step(self.model)
+            method.after_step(self.model)
             self.optimizer.zero_grad(set_to_none=True)
         bar.close()
         return {k: float(v) / max(1, steps) for k, v in sums.items()}
@@ -239,50 +276,67 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
         self._rewrite_metrics()
-        for stage in self.method.stages():
-            if stage.method is not None or stage.epochs is not None:
-                raise NotImplementedError("multi-stage methods are not supported by this trainer yet")
-        while self.epoch < t["epochs"]:
+        last_stage = len(self.plan) - 1
+        while self.epoch < self.total_epochs:
             epoch = self.epoch
+            index, stage_epoch = self._stage_at(epoch)
+            if index != self.stage_index:
+                self._enter_stage(index, resumed=False)
+            name, method, stage_epochs = self.plan[index]
             start = time.perf_counter()
-            train_stats = self.train_epoch(epoch)
+            train_stats = self.train_epoch(epoch, stage_epoch)
             self.scheduler.step()
-            val = evaluate(self.model, self.method, self.splits.val, self.device, bf16=self.bf16)
-            record = {"epoch": epoch, "stage": "supervised", "lr": self.optimizer.param_groups[0]["lr"],
+            val = evaluate(self.model, method, self.splits.val, self.device, bf16=self.bf16)
+            record = {"epoch": epoch, "stage": name, "stage_epoch": stage_epoch,
+                      "lr": self.optimizer.param_groups[0]["lr"],
                       **{f"train_{k}": v for k, v in train_stats.items()},
                       "val_acc": val["acc"], "val_macro_f1": val["macro_f1"], "val_loss": val["loss"],
-                      "val_acc_by_modality": val["acc_by_modality"], **self.method.log()}
-            self.method.on_epoch_end(epoch, record)
-            if val["acc"] > self.best["val_acc"]:
+                      "val_acc_by_modality": val["acc_by_modality"], **method.log()}
+            method.on_epoch_end(stage_epoch, record)
+            if index == last_stage and val["acc"] > self.best["val_acc"]:
                 self.best = {"epoch": epoch, "val_acc": val["acc"],
                              "model": copy.deepcopy(self.model.state_dict()) if t["select"] == "best_val" else None}
+            if last_stage > 0 and stage_epoch == stage_epochs - 1:  # report each stage of a multi-stage method
+                self.stage_reports.append(self._stage_report(name, method, val))
             self.elapsed += time.perf_counter() - start
             record["seconds"] = time.perf_counter() - start
             self.history.append(record)
             self.epoch = epoch + 1
             self._append_metrics(record)
             save_checkpoint(self.state_dict(), self.out_dir / "checkpoint.pt")
-            self.echo(format_epoch(record, t["epochs"]))
+            self.echo(format_epoch(record, self.total_epochs))
+            if self.stage_reports and self.stage_reports[-1]["stage"] == name and stage_epoch == stage_epochs - 1:
+                self.echo(format_stage(self.stage_reports[-1]))
         return self.finish()
 
+    def _stage_report(self, name: str, method: Method, val: dict[str, Any]) -> dict[str, Any]:
+        """End-of-stage figures (test evaluated for reporting only; nothing is selected on it)."""
+        test = evaluate(self.model, method, self.splits.test, self.device, bf16=self.bf16)
+        probes = linear_probes(self.model, self.splits, self.device) if self.cfg["train"]["probe"] else {}
+        return {"stage": name, "val_acc": val["acc"], "val_acc_by_modality": val["acc_by_modality"],
+                "test_acc": test["acc"], "test_acc_by_modality": test["acc_by_modality"],
+                "probe_acc_by_modality": probes, **method.log_stage()}
+
     def finish(self) -> dict[str, Any]:
-        """Pick the reported model (last epoch, or best validation epoch), evaluate it on test once."""
+        """Pick the reported model (last epoch, or best validation epoch of the last stage) and
+        evaluate it on test once."""
         t = self.cfg["train"]
         selected = self.epoch - 1
         if t["select"] == "best_val" and self.best["model"] is not None:
             self.model.load_state_dict(self.best["model"])
             selected = self.best["epoch"]
         start = time.perf_counter()
-        test = evaluate(self.model, self.method, self.splits.test, self.device, bf16=self.bf16)
+        test = evaluate(self.model, self.active, self.splits.test, self.device, bf16=self.bf16)
         probes = linear_probes(self.model, self.splits, self.device) if t["probe"] else {}
         summary = {
             "method": self.cfg["method"]["name"], "dataset": self.cfg["data"]["name"], "seed": t["seed"],
-            "epochs": t["epochs"], "fusion": self.cfg["model"]["fusion"], "estimator": self.model.estimator,
+            "epochs": self.total_epochs, "fusion": self.cfg["model"]["fusion"], "estimator": self.model.estimator,
             "modalities": list(self.model.modalities),
             "selection": t["select"], "selected_epoch": selected,
             "val_acc": self.history[selected]["val_acc"] if self.history else float("nan"),
             "test_acc": test["acc"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"],
             "test_acc_by_modality": test["acc_by_modality"], "probe_acc_by_modality": probes,
+            "stages": self.stage_reports,
             "seconds": self.elapsed + time.perf_counter() - start,
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -302,13 +356,19 @@ class Trainer:
 # --- pretty output -----------------------------------------------------------------------------
 def format_epoch(rec: dict[str, Any], total: int) -> str:
     mods = rec["val_acc_by_modality"]
-    parts = [f"epoch {rec['epoch'] + 1:>3}/{total}", f"loss {rec['train_loss']:.4f}", f"val acc {rec['val_acc']:.4f}",
+    parts = [f"epoch {rec['epoch'] + 1:>3}/{total}" + (f" [{rec['stage']}]" if rec.get("stage", "supervised") != "supervised" else ""), f"loss {rec['train_loss']:.4f}", f"val acc {rec['val_acc']:.4f}",
              "per-modality " + " ".join(f"{m} {a:.3f}" for m, a in mods.items())]
     ks = {k.split("/", 1)[1]: v for k, v in rec.items() if k.startswith("k/")}
     if ks:
         parts.append("k " + " ".join(f"{m} {v:.3f}" for m, v in ks.items()))
     parts.append(f"{rec['seconds']:.1f}s")
     return " | ".join(parts)
+
+
+def format_stage(r: dict[str, Any]) -> str:
+    uni = " ".join(f"{m} {a:.3f}" for m, a in r["test_acc_by_modality"].items())
+    probes = " ".join(f"{m} {a:.3f}" for m, a in r["probe_acc_by_modality"].items())
+    return f"== end of stage {r['stage']}: test acc {r['test_acc']:.4f} | per-modality {uni} | linear probe {probes}"
 
 
 def format_summary(s: dict[str, Any]) -> str:
