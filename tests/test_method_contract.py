@@ -92,3 +92,42 @@ def test_hook_order_and_counts(tmp_path, tiny_overrides, accumulate):
     for s in range(n_steps):
         expected += ["loss"] * min(accumulate, n_batches - s * accumulate) + ["before_step", "after_step"]
     assert body == expected
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step()` has been overridden")
+@pytest.mark.parametrize("name", METHODS)
+def test_kill_and_resume_gives_identical_results(tmp_path, tiny_overrides, name):
+    """Interrupted in the middle of the second epoch (for multi-stage methods: inside a later stage)."""
+    cfg = load_config(overrides=tiny_overrides + [f"method.name={name}", "train.epochs=2", "data.n_train=300"])
+    full = Trainer(cfg, out_dir=tmp_path / "full", echo=lambda s: None)
+    expected = full.fit()
+    cut = Trainer(cfg, out_dir=tmp_path / "cut", echo=lambda s: None)
+    steps_per_epoch = -(-len(cut.splits.train) // cfg["train"]["batch_size"])
+    crash_at = steps_per_epoch * (full.total_epochs // 2) + 2
+    count = {"n": 0}
+
+    def counting_step(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == crash_at:
+            raise KeyboardInterrupt
+        return original_step(*args, **kwargs)
+
+    original_step = cut.optimizer.step
+    cut.optimizer.step = counting_step
+    original_enter = cut._enter_stage
+
+    def enter_and_patch(index, resumed):  # later stages build a new optimizer: patch it too
+        original_enter(index, resumed)
+        nonlocal original_step
+        original_step = cut.optimizer.step
+        cut.optimizer.step = counting_step
+
+    cut._enter_stage = enter_and_patch
+    with pytest.raises(KeyboardInterrupt):
+        cut.fit()
+    resumed = Trainer.resume(tmp_path / "cut", echo=lambda s: None)
+    got = resumed.fit()
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed.history) == strip(full.history)
+    for key in ("test_acc", "test_macro_f1", "test_acc_by_modality", "probe_acc_by_modality", "stages"):
+        assert got[key] == expected[key], key
