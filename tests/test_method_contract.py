@@ -94,7 +94,7 @@ def test_hook_order_and_counts(tmp_path, tiny_overrides, accumulate):
     assert body == expected
 
 
-@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step()` has been overridden")
+@pytest.mark.filterwarnings("ignore:Seems like")
 @pytest.mark.parametrize("name", METHODS)
 def test_kill_and_resume_gives_identical_results(tmp_path, tiny_overrides, name):
     """Interrupted in the middle of the second epoch (for multi-stage methods: inside a later stage)."""
@@ -131,3 +131,12 @@ def test_kill_and_resume_gives_identical_results(tmp_path, tiny_overrides, name)
     assert strip(resumed.history) == strip(full.history)
     for key in ("test_acc", "test_macro_f1", "test_acc_by_modality", "probe_acc_by_modality", "stages"):
         assert got[key] == expected[key], key
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_trains_with_three_modalities(tmp_path, tiny_overrides, name):
+    cfg = load_config(overrides=tiny_overrides + [f"method.name={name}", "data.name=synthetic3", "train.epochs=1",
+                                                  "data.n_train=200", "train.probe=false"])
+    summary = Trainer(cfg, out_dir=tmp_path, echo=lambda s: None).fit()
+    assert summary["modalities"] == ["visual", "audio", "tactile"]
+    assert set(summary["test_acc_by_modality"]) == {"visual", "audio", "tactile"}

@@ -10,6 +10,7 @@ from torch import nn
 from .._dist import all_reduce_sum, world_size
 from ..models.multimodal import ModelOutput
 from ._base import Method, unwrap
+from ._heads import encoder_dims, seeded
 from ._registry import register_method
 from .ogm_ge import OGMGE
 
@@ -57,19 +58,8 @@ class Uncertainty(Method):
         inner = unwrap(model)
         self._modalities = tuple(inner.modalities)
         if self.heads is None:
-            dims = {}
-            for m in self._modalities:
-                dim = getattr(inner.encoder(m), "out_dim", None)
-                if dim is None:
-                    raise TypeError(f"uncertainty: encoder {m!r} has no 'out_dim'; the auxiliary heads need it")
-                dims[m] = int(dim)
-            gen = torch.Generator().manual_seed(self.seed + 7)  # heads independent of the global RNG
-            self.heads = nn.ModuleDict({m: nn.Linear(d, inner.num_classes) for m, d in dims.items()})
-            for head in self.heads.values():
-                bound = 1 / head.in_features ** 0.5
-                with torch.no_grad():
-                    head.weight.uniform_(-bound, bound, generator=gen)
-                    head.bias.uniform_(-bound, bound, generator=gen)
+            dims, classes = encoder_dims(inner, self.name), inner.num_classes
+            self.heads = seeded(lambda: nn.ModuleDict({m: nn.Linear(d, classes) for m, d in dims.items()}), self.seed + 7)
             self.log_vars = nn.Parameter(torch.zeros(1 + len(self._modalities)), requires_grad=self.learn_weights)
         self.attach_parameters(model, optimizer)
         if self._ogm is not None:
