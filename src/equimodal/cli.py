@@ -97,6 +97,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data.avdigits import default_source, download_avdigits, prepare_avdigits
+
+    if args.data_command != "prepare" or args.name != "avdigits":
+        print("error: usage: equimodal data prepare avdigits --out DIR [--source DIR | --download]", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    if args.source:
+        source = Path(args.source)
+    elif args.download or args.mirror:
+        source = download_avdigits(out / "raw", mirror=args.mirror, progress=not args.no_progress)
+    else:
+        source = default_source()
+        print(f"no --source given: using {source} (set EQUIMODAL_DATA or pass --download to fetch the public files)")
+    speakers = [s.strip() for s in args.test_speakers.split(",") if s.strip()]
+    try:
+        prepare_avdigits(source, out, split=args.split, test_speakers=speakers, pairing_seed=args.pairing_seed,
+                         progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    print(f"AV-Digits prepared in {out}: {manifest['counts']} (split {args.split}), audio {manifest['audio_shape']}, "
+          f"{len(manifest['sources'])} source files checksummed in manifest.json")
+    extra = "" if args.split == "official" else f" --set data.split=speaker --set data.test_speakers=[{args.test_speakers}]"
+    print(f"train on it with: equimodal train --dataset avdigits --set data.prepared={out}{extra}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import available_methods, method_options
 
@@ -119,12 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt or a run folder")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--device", help="auto | cpu | cuda (default: the run's)")
+    p = sub.add_parser("data", help="prepare datasets")
+    dsub = p.add_subparsers(dest="data_command")
+    prep = dsub.add_parser("prepare", help="build a dataset cache from raw public files")
+    prep.add_argument("name", choices=("avdigits",))
+    prep.add_argument("--source", help="folder laid out like shared/data (fsdd/, mnist/, mnist-train5k/)")
+    prep.add_argument("--out", required=True, help="output folder for the cache and manifest.json")
+    prep.add_argument("--download", action="store_true", help="fetch the public files first (needs network)")
+    prep.add_argument("--mirror", help="base URL laid out like shared/data to download from instead")
+    prep.add_argument("--split", choices=("official", "speaker"), default="official")
+    prep.add_argument("--test-speakers", default="theo", help="comma-separated held-out speakers (--split speaker)")
+    prep.add_argument("--pairing-seed", type=int, default=0)
+    prep.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("methods", help="list the registered methods")
     p.add_argument("-v", "--verbose", action="store_true", help="also list each method's options")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,19 +242,34 @@ def default_cache() -> Path:
     return Path(os.environ.get("EQUIMODAL_CACHE", Path.home() / ".cache" / "equimodal"))
 
 
-def avdigits_splits(source: str = "", cache_dir: str = "", split: str = "official",
+def avdigits_splits(source: str = "", cache_dir: str = "", prepared: str = "", split: str = "official",
                     test_speakers: list[str] = ("theo",), audio_noise: float = 0.0, visual_noise: float = 0.0,
                     val_fraction: float = 0.1, split_seed: int = 0, pairing_seed: int = 0,
                     modalities: list[str] = ("audio", "visual"), progress: bool = True) -> DataSplits:
     """Train/val/test of AV-Digits, preparing the cache on first use.
+
+    ``prepared``: a folder made by ``equimodal data prepare avdigits`` (its manifest must match the
+    split options). Otherwise the cache lives in ``cache_dir`` (default $EQUIMODAL_CACHE or
+    ~/.cache/equimodal), keyed by the preprocessing parameters, built from ``source`` (default
+    $EQUIMODAL_DATA or ../shared/data) when missing.
 
     Inputs are standardised with training-split statistics; ``audio_noise`` / ``visual_noise`` add
     Gaussian noise of that standard deviation (in standardised units) to every sample of every split,
     drawn once from ``split_seed``, so a modality can be made harder without touching the cache.
     """
     params = preprocessing_params(split, test_speakers, pairing_seed, 1.0, 256, 128, 40)
-    cache = Path(cache_dir) if cache_dir else default_cache()
-    folder = cache / f"avdigits-{preprocessing_key(params)}"
+    if prepared:
+        folder = Path(prepared)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.is_file() or not (folder / "avdigits.pt").is_file():
+            raise FileNotFoundError(f"data.prepared={prepared}: no avdigits.pt and manifest.json there "
+                                    "(make it with `equimodal data prepare avdigits`)")
+        found = json.loads(manifest_path.read_text())["params"]
+        diff = {k: (found.get(k), v) for k, v in params.items() if found.get(k) != v}
+        if diff:
+            raise ValueError(f"{manifest_path} was prepared with other parameters (found, requested): {diff}")
+    else:
+        folder = (Path(cache_dir) if cache_dir else default_cache()) / f"avdigits-{preprocessing_key(params)}"
     if not (folder / "avdigits.pt").is_file():
         src = Path(source) if source else default_source()
         prepare_avdigits(src, folder, split=split, test_speakers=test_speakers, pairing_seed=pairing_seed,
