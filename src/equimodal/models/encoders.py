@@ -53,4 +53,6 @@ class MLPEncoder(nn.Module):
         return self.net(x.flatten(1))
 
 
-ENCODERS = {"cnn": SmallCNN, "mlp": MLPEncoder}
+from .resnet import AudioResNet18, VisualResNet18  # noqa: E402
+
+ENCODERS = {"cnn": SmallCNN, "mlp": MLPEncoder, "resnet18-audio": AudioResNet18, "resnet18-visual": VisualResNet18}
