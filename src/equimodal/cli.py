@@ -100,9 +100,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     from .data.avdigits import default_source, download_avdigits, prepare_avdigits
 
-    if args.data_command != "prepare" or args.name != "avdigits":
-        print("error: usage: equimodal data prepare avdigits --out DIR [--source DIR | --download]", file=sys.stderr)
+    if args.data_command != "prepare":
+        print("error: usage: equimodal data prepare NAME --out DIR ...", file=sys.stderr)
         return 2
+    if args.name != "avdigits":
+        return _prepare_clips(args)
     out = Path(args.out)
     if args.source:
         source = Path(args.source)
@@ -123,6 +125,28 @@ def cmd_data(args: argparse.Namespace) -> int:
           f"{len(manifest['sources'])} source files checksummed in manifest.json")
     extra = "" if args.split == "official" else f" --set data.split=speaker --set data.test_speakers=[{args.test_speakers}]"
     print(f"train on it with: equimodal train --dataset avdigits --set data.prepared={out}{extra}")
+    return 0
+
+
+def _prepare_clips(args: argparse.Namespace) -> int:
+    from .data.avclips import PRESETS
+    from .data.video import prepare_clips
+
+    preset = PRESETS[args.name]
+    if not args.videos:
+        print(f"error: {args.name}: pass --videos DIR (the original videos) and --out ROOT", file=sys.stderr)
+        return 2
+    fps = args.fps or preset.fps
+    try:
+        counts = prepare_clips(args.videos, args.out, fps=fps, sample_rate=args.sample_rate or preset.sample_rate,
+                               audio=not args.no_audio, skip_bad=args.skip_bad, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError, ImportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: extracted {counts['clips']} clip(s) into {args.out} (frames at {fps} fps), "
+          f"skipped {counts['skipped']}. Put train.csv/test.csv ('clip_id,label') there"
+          + (" (CREMA-D falls back to the OGM-GE split lists in shared/data/crema-d)" if args.name == "cremad" else "")
+          + f", then: equimodal train --dataset {args.name} --set data.root={args.out}")
     return 0
 
 
@@ -150,8 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda (default: the run's)")
     p = sub.add_parser("data", help="prepare datasets")
     dsub = p.add_subparsers(dest="data_command")
-    prep = dsub.add_parser("prepare", help="build a dataset cache from raw public files")
-    prep.add_argument("name", choices=("avdigits",))
+    prep = dsub.add_parser("prepare", help="build a dataset (AV-Digits cache, or frames + audio from videos)")
+    prep.add_argument("name", choices=("avdigits", "cremad", "kinetics-sounds", "vggsound", "ave"))
+    prep.add_argument("--videos", help="(paper datasets) folder of original videos to extract with PyAV")
+    prep.add_argument("--fps", type=int, help="(paper datasets) frames per second to extract (default: the preset's)")
+    prep.add_argument("--sample-rate", type=int, help="(paper datasets) audio rate (default: the preset's)")
+    prep.add_argument("--no-audio", action="store_true", help="(paper datasets) frames only; provide WAVs yourself")
+    prep.add_argument("--skip-bad", action="store_true", help="(paper datasets) skip unreadable videos and count them")
     prep.add_argument("--source", help="folder laid out like shared/data (fsdd/, mnist/, mnist-train5k/)")
     prep.add_argument("--out", required=True, help="output folder for the cache and manifest.json")
     prep.add_argument("--download", action="store_true", help="fetch the public files first (needs network)")

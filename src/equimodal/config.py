@@ -28,7 +28,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "method": {"name": "joint"},
     "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
               "step_size": 10, "gamma": 0.1, "clip_grad_norm": None},
-    "train": {"epochs": 12, "batch_size": 64, "accumulate": 1, "seed": 0, "device": "auto", "bf16": True,
+    "train": {"epochs": 12, "batch_size": 64, "accumulate": 1, "num_workers": 0, "seed": 0, "device": "auto", "bf16": True,
               "select": "last", "probe": True, "out": None, "progress": True},
 }
 

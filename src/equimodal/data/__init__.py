@@ -5,10 +5,12 @@ loader's signature, so an unknown key names itself and the valid ones.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable
 
 from .base import DataSplits, TensorMultimodalDataset, stratified_split
+from .avclips import PRESETS, AVClipDataset, av_clip_splits
 from .avdigits import avdigits_splits
 from .synthetic import synthetic_splits
 
@@ -17,6 +19,7 @@ DATASETS: dict[str, tuple[Callable[..., DataSplits], dict[str, Any]]] = {
     "synthetic": (synthetic_splits, {}),
     "synthetic3": (synthetic_splits, {"modalities": ["visual", "audio", "tactile"]}),
     "avdigits": (avdigits_splits, {}),
+    **{name: (functools.partial(av_clip_splits, name), {}) for name in PRESETS},  # the paper's datasets
 }
 
 
@@ -40,5 +43,5 @@ def load_dataset(name: str, **options: Any) -> DataSplits:
     return splits
 
 
-__all__ = ["DATASETS", "DataSplits", "TensorMultimodalDataset", "dataset_options", "load_dataset",
+__all__ = ["AVClipDataset", "DATASETS", "DataSplits", "TensorMultimodalDataset", "dataset_options", "load_dataset",
            "stratified_split", "synthetic_splits"]

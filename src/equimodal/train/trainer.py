@@ -43,9 +43,13 @@ def build_model(model_cfg: dict, splits: DataSplits) -> MultimodalModel:
     """One encoder per modality, chosen from the input shape when ``encoder: auto``
     (images/spectrograms -> SmallCNN, vectors -> MLP)."""
     encoders = {}
+    preferred = getattr(splits.train, "preferred_encoders", {})
     for m in splits.modalities:
-        shape = tuple(splits.train.inputs[m].shape[1:])
         kind = model_cfg["encoder"]
+        if kind == "auto" and m in preferred:
+            encoders[m] = ENCODERS[preferred[m]]()
+            continue
+        shape = tuple(splits.train[[0]][0][m].shape[1:])
         if kind == "auto":
             kind = "cnn" if len(shape) >= 2 else "mlp"
         if kind == "cnn":
@@ -77,14 +81,23 @@ def build_scheduler(optim_cfg: dict, optimizer: torch.optim.Optimizer, epochs: i
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def batches(dataset: TensorMultimodalDataset, batch_size: int, generator: torch.Generator | None = None,
-            drop_last: bool = False) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """Vectorised mini-batches: one index gather per batch; shuffled when a generator is given."""
+def batches(dataset, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False,
+            num_workers: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Mini-batches in a seeded order (shuffled when a generator is given).
+
+    In-memory datasets: one vectorised index gather per batch. Datasets read from disk go through a
+    ``DataLoader`` (``num_workers`` processes) over the same order."""
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for start in range(0, stop, batch_size):
-        yield dataset[order[start:start + batch_size]]
+    chunks = [order[start:start + batch_size] for start in range(0, stop, batch_size)]
+    if isinstance(dataset, TensorMultimodalDataset):
+        for chunk in chunks:
+            yield dataset[chunk]
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[c.tolist() for c in chunks],
+                                         num_workers=num_workers, persistent_workers=False)
+    yield from loader
 
 
 def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -246,7 +259,10 @@ class Trainer:
         n_batches = -(-len(self.splits.train) // t["batch_size"])
         name = self.plan[self.stage_index][0]
         label = f"{name} " if len(self.plan) > 1 else ""
-        bar = tqdm(batches(self.splits.train, t["batch_size"], self._shuffle_generator(epoch)), total=n_batches,
+        if hasattr(self.splits.train, "set_epoch"):
+            self.splits.train.set_epoch(epoch)  # per-epoch random crops and frame choices
+        bar = tqdm(batches(self.splits.train, t["batch_size"], self._shuffle_generator(epoch),
+                           num_workers=t["num_workers"]), total=n_batches,
                    desc=f"{label}epoch {epoch + 1}/{self.total_epochs}", leave=False, disable=not t["progress"],
                    dynamic_ncols=True)
         accumulate = t["accumulate"]
