@@ -220,7 +220,8 @@ def _check_files(root: Path, preset: Preset, rows: list[tuple[str, str]], skip_m
 def av_clip_splits(name: str, root: str = "", split_dir: str = "", cache_dir: str = "", frames: int = 0,
                    image_size: int = 224, skip_missing: bool = False, val_fraction: float = 0.1,
                    split_seed: int = 0) -> DataSplits:
-    """Train/val/test for one of the paper's datasets (``name`` in PRESETS). ``frames=0``: the preset's."""
+    """Train/val/test for one of the paper's datasets (``name`` in PRESETS). ``frames=0``: the preset's;
+    ``cache_dir="off"``: recompute every spectrogram (no cache)."""
     preset = PRESETS[name]
     if not root:
         raise ValueError(f"dataset {name!r} needs data.root: the folder with audio/ and visual/ (see `equimodal data prepare`)")
@@ -250,7 +251,7 @@ def av_clip_splits(name: str, root: str = "", split_dir: str = "", cache_dir: st
     params = {k: v for k, v in asdict(preset).items() if k not in ("frames", "classes", "num_classes")}
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
     from .avdigits import default_cache
-    cache = (Path(cache_dir) if cache_dir else default_cache()) / f"{name}-spec-{key}"
+    cache = None if cache_dir == "off" else (Path(cache_dir) if cache_dir else default_cache()) / f"{name}-spec-{key}"
     n_frames = frames or preset.frames
 
     def make(part: str, train: bool) -> AVClipDataset:
