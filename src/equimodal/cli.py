@@ -150,6 +150,29 @@ def _prepare_clips(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .analysis.bench import run_grid, summarise
+    from .analysis.plots import all_plots
+    from .config import ConfigError, load_config
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        if args.alone:
+            mods = load_config(overrides=[f"data.name={args.dataset}", *args.overrides])["data"]["modalities"]
+            methods += [f"alone:{m}" for m in mods]
+        results = run_grid(args.dataset, methods, seeds, args.out, args.overrides, progress=not args.no_progress)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    print(summarise(results, out, baseline=args.baseline))
+    for path in all_plots(results, out):
+        print(f"wrote {path}")
+    print(f"wrote {out / 'results.csv'} and {out / 'results.md'}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import available_methods, method_options
 
@@ -189,12 +212,21 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--test-speakers", default="theo", help="comma-separated held-out speakers (--split speaker)")
     prep.add_argument("--pairing-seed", type=int, default=0)
     prep.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("bench", help="run methods x seeds on a dataset; tables and plots (resumable)")
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--methods", default="joint,ogm-ge", help="comma-separated; options after colons: ogm-boost:mode=both")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", required=True)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--alone", action="store_true", help="also train each modality alone (joint on one modality)")
+    p.add_argument("--baseline", default="joint", help="the row the paired differences are taken against")
+    p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("methods", help="list the registered methods")
     p.add_argument("-v", "--verbose", action="store_true", help="also list each method's options")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data": cmd_data}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data": cmd_data, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,124 @@
+"""The benchmark grid: methods x seeds on one dataset, resumable, with tables and plots.
+
+``equimodal bench --dataset avdigits --methods joint,ogm-ge,ogm-boost:mode=both --seeds 0,1,2 --out DIR``
+writes ``DIR/runs/<label>-seed<k>/`` (one ordinary run folder each; a finished one is not run again),
+``DIR/results.csv`` (one row per run), ``DIR/results.md`` (one row per method) and PNG plots.
+"""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import load_config
+from .stats import fmt_pct, mean_std, paired_difference
+
+
+@dataclass
+class BenchRun:
+    label: str
+    seed: int
+    overrides: list[str]
+    folder: Path
+
+
+def parse_method_spec(spec: str) -> tuple[str, list[str]]:
+    """``"ogm-boost:mode=both:noise=sgn"`` -> ("ogm-boost", ["method.name=ogm-boost", "method.mode=both", ...]).
+    ``"alone:audio"`` -> joint on that modality only."""
+    name, *opts = spec.split(":")
+    if name == "alone":
+        if len(opts) != 1:
+            raise ValueError(f"'alone' takes one modality: alone:<modality>, got {spec!r}")
+        return spec, ["method.name=joint", f"data.modalities=[{opts[0]}]"]
+    for o in opts:
+        if "=" not in o:
+            raise ValueError(f"method option {o!r} in {spec!r} is not key=value")
+    return spec, [f"method.name={name}", *(f"method.{o}" for o in opts)]
+
+
+def plan_grid(dataset: str, methods: list[str], seeds: list[int], out: Path, overrides: list[str]) -> list[BenchRun]:
+    runs = []
+    for spec in methods:
+        label, extra = parse_method_spec(spec)
+        for seed in seeds:
+            folder = out / "runs" / f"{label.replace(':', '_').replace('=', '-')}-seed{seed}"
+            runs.append(BenchRun(label, seed, [f"data.name={dataset}", *overrides, *extra, f"train.seed={seed}",
+                                               f"train.out={folder}"], folder))
+    for run in runs:  # check every config before training anything
+        load_config(overrides=run.overrides)
+    return runs
+
+
+def run_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path, overrides: list[str] | None = None,
+             echo: Callable[[str], None] = print, progress: bool = False) -> list[dict[str, Any]]:
+    """Run (or reuse) every (method, seed) and return their summaries with their label and history."""
+    from ..train import Trainer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = list(overrides or []) + [f"train.progress={'true' if progress else 'false'}"]
+    runs = plan_grid(dataset, methods, seeds, out, base)
+    results = []
+    for i, run in enumerate(runs, 1):
+        summary_path = run.folder / "summary.json"
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+            echo(f"[{i}/{len(runs)}] {run.label} seed {run.seed}: done before, reused")
+        else:
+            cfg = load_config(overrides=run.overrides)
+            trainer = (Trainer.resume(run.folder, echo=lambda s: None) if (run.folder / "checkpoint.pt").is_file()
+                       else Trainer(cfg, echo=lambda s: None))
+            summary = trainer.fit()
+            echo(f"[{i}/{len(runs)}] {run.label} seed {run.seed}: test acc {summary['test_acc']:.4f}, "
+                 f"{summary['seconds']:.0f}s")
+        history = [json.loads(line) for line in (run.folder / "metrics.jsonl").read_text().splitlines() if line]
+        results.append({**summary, "label": run.label, "history": history, "folder": str(run.folder)})
+    return results
+
+
+def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "joint") -> str:
+    """Write results.csv and results.md; return the markdown table."""
+    out = Path(out)
+    modalities = sorted({m for r in results for m in r["test_acc_by_modality"]},
+                        key=lambda m: [m for r in results for m in r["modalities"]].index(m))
+    fields = ["label", "method", "seed", "test_acc", "test_macro_f1", "epochs", "seconds", "seconds_per_epoch",
+              *(f"acc_{m}" for m in modalities), *(f"probe_{m}" for m in modalities), "selection", "estimator"]
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for r in results:
+            writer.writerow({"label": r["label"], "method": r["method"], "seed": r["seed"], "test_acc": r["test_acc"],
+                             "test_macro_f1": r["test_macro_f1"], "epochs": r["epochs"], "seconds": r["seconds"],
+                             "seconds_per_epoch": r["seconds"] / max(1, r["epochs"]), "selection": r["selection"],
+                             "estimator": r["estimator"],
+                             **{f"acc_{m}": r["test_acc_by_modality"].get(m, "") for m in modalities},
+                             **{f"probe_{m}": r["probe_acc_by_modality"].get(m, "") for m in modalities}})
+    labels = list(dict.fromkeys(r["label"] for r in results))
+    by_label = {lab: [r for r in results if r["label"] == lab] for lab in labels}
+    base = {r["seed"]: r["test_acc"] for r in by_label.get(baseline, [])}
+    header = (["method", "seeds", "fused acc (%)", "macro-F1 (%)"] + [f"acc {m} (%)" for m in modalities]
+              + [f"probe {m} (%)" for m in modalities] + ["s / epoch", f"Δ acc vs {baseline} (95% CI, paired)"])
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for lab, rs in by_label.items():
+        cells = [lab, str(len(rs)), fmt_pct(*mean_std([r["test_acc"] for r in rs])),
+                 fmt_pct(*mean_std([r["test_macro_f1"] for r in rs]))]
+        for key in ("test_acc_by_modality", "probe_acc_by_modality"):
+            for m in modalities:
+                vals = [r[key][m] for r in rs if m in r[key]]
+                cells.append(fmt_pct(*mean_std(vals)) if vals else "-")
+        cells.append(f"{mean_std([r['seconds'] / max(1, r['epochs']) for r in rs])[0]:.1f}")
+        if lab == baseline or not base:
+            cells.append("-")
+        else:
+            diff, half, n = paired_difference({r["seed"]: r["test_acc"] for r in rs}, base)
+            cells.append(f"{100 * diff:+.1f} ± {100 * half:.1f} (n={n})" if n > 1 else
+                         (f"{100 * diff:+.1f} (n=1)" if n else "-"))
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    note = ("Mean ± standard deviation over seeds; test split evaluated once per run, on the epoch named in "
+            "results.csv `selection` (never chosen on test). Probe = linear probe of the frozen encoder. "
+            "Per-modality accuracy uses each run's estimator (results.csv `estimator`).")
+    (out / "results.md").write_text(f"{table}\n\n{note}\n")
+    return table
