@@ -51,3 +51,26 @@ def test_bench_rejects_a_bad_method_option_before_training(tmp_path, capsys):
     assert main(["bench", "--methods", "joint,ogm-ge:beta=1", "--out", str(tmp_path / "b"), "--seeds", "0"]) == 2
     assert "method.beta" in capsys.readouterr().err
     assert not (tmp_path / "b" / "runs").exists()
+
+
+def test_diagnose_reports_per_modality_gap_ratio_trace_and_verdict(tmp_path, tiny_overrides, capsys):
+    out = tmp_path / "diag"
+    args = ["diagnose", "--dataset", "synthetic", "--out", str(out), "--seeds", "0"]
+    for o in tiny_overrides:
+        args += ["--set", o]
+    assert main(args) == 0
+    text = (out / "diagnosis.txt").read_text()
+    import json
+    from pathlib import Path
+    alone = json.loads(next((out / "runs").glob("alone_audio-seed0")).joinpath("summary.json").read_text())
+    joint = json.loads(next((out / "runs").glob("ogm*seed0")).joinpath("summary.json").read_text())
+    audio_line = next(line for line in text.splitlines() if line.startswith("audio"))
+    assert f"{100 * alone['probe_acc_by_modality']['audio']:.1f}" in audio_line
+    assert f"{100 * joint['probe_acc_by_modality']['audio']:.1f}" in audio_line
+    gap = alone["probe_acc_by_modality"]["audio"] - joint["probe_acc_by_modality"]["audio"]
+    verdict = text.strip().splitlines()[-1]
+    assert verdict.startswith("IMBALANCED" if gap > 0.02 else "NOT IMBALANCED") or gap <= 0.02 and "visual" in verdict
+    assert (out / "diagnosis.png").stat().st_size > 5000
+    joint_hist = Path(next((out / "runs").glob("ogm*seed0"))) / "metrics.jsonl"
+    rec = json.loads(joint_hist.read_text().splitlines()[-1])
+    assert "rho/audio" in rec and rec["k/audio"] <= 1  # ratios observed, never applied (window closed)

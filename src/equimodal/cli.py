@@ -173,6 +173,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .analysis.diagnose import diagnose
+    from .config import ConfigError
+
+    overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
+    try:
+        report = diagnose(args.dataset, args.out, [int(s) for s in args.seeds.split(",")], overrides,
+                          threshold=args.threshold)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(report["text"])
+    print(f"wrote {Path(args.out) / 'diagnosis.txt'} and {Path(args.out) / 'diagnosis.png'}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import available_methods, method_options
 
@@ -221,12 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alone", action="store_true", help="also train each modality alone (joint on one modality)")
     p.add_argument("--baseline", default="joint", help="the row the paired differences are taken against")
     p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("diagnose", help="is my model imbalanced? each modality alone vs joint, same budget")
+    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--out", default="diagnosis")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="model and training options, e.g. --set model.fusion=film")
+    p.add_argument("--threshold", type=float, default=0.02, help="probe-accuracy gap that counts (fraction)")
+    p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("methods", help="list the registered methods")
     p.add_argument("-v", "--verbose", action="store_true", help="also list each method's options")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data": cmd_data, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data": cmd_data, "bench": cmd_bench, "diagnose": cmd_diagnose}
 
 
 def main(argv: list[str] | None = None) -> int:
