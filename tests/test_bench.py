@@ -69,7 +69,8 @@ def test_diagnose_reports_per_modality_gap_ratio_trace_and_verdict(tmp_path, tin
     assert f"{100 * joint['probe_acc_by_modality']['audio']:.1f}" in audio_line
     gap = alone["probe_acc_by_modality"]["audio"] - joint["probe_acc_by_modality"]["audio"]
     verdict = text.strip().splitlines()[-1]
-    assert verdict.startswith("IMBALANCED" if gap > 0.02 else "NOT IMBALANCED") or gap <= 0.02 and "visual" in verdict
+    if gap > 0.02:  # a gap above the threshold (one seed: no spread) must be called out
+        assert verdict.startswith("IMBALANCED") and "audio" in verdict
     assert (out / "diagnosis.png").stat().st_size > 5000
     joint_hist = Path(next((out / "runs").glob("ogm*seed0"))) / "metrics.jsonl"
     rec = json.loads(joint_hist.read_text().splitlines()[-1])
