@@ -25,14 +25,20 @@ def test_method_specs():
         parse_method_spec("ogm:alpha")
 
 
-def test_bench_grid_tables_plots_and_resume(tmp_path, tiny_overrides, capsys):
-    out = tmp_path / "bench"
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    from conftest import TINY
+    out = tmp_path_factory.mktemp("bench") / "bench"
     args = ["bench", "--dataset", "synthetic", "--methods", "joint,ogm-ge:alpha=0.5", "--seeds", "0,1",
             "--out", str(out), "--alone", "--no-progress"]
-    for o in tiny_overrides:
-        if not o.startswith("train.progress"):
-            args += ["--set", o]
+    for o in TINY:
+        args += ["--set", o]
     args += ["--set", "train.epochs=1"]
+    return out, args
+
+
+def test_bench_grid_tables_plots_and_resume(bench_run, capsys):
+    out, args = bench_run
     assert main(args) == 0
     printed = capsys.readouterr().out
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -75,3 +81,33 @@ def test_diagnose_reports_per_modality_gap_ratio_trace_and_verdict(tmp_path, tin
     joint_hist = Path(next((out / "runs").glob("ogm*seed0"))) / "metrics.jsonl"
     rec = json.loads(joint_hist.read_text().splitlines()[-1])
     assert "rho/audio" in rec and rec["k/audio"] <= 1  # ratios observed, never applied (window closed)
+
+
+def test_report_is_self_contained_and_renders_in_chromium(bench_run, tmp_path, capsys):
+    import base64
+    import re
+    import shutil
+    import subprocess
+
+    out, args = bench_run
+    if not (out / "results.md").is_file():
+        assert main(args) == 0
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and "ogm-ge:alpha=0.5" in page
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
+    assert len(images) == 3 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
+    assert "src='http" not in page and "href=" not in page, "nothing fetched from elsewhere"
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it where apt can reach the registry)")
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
+                    (out / "report.html").as_uri()], check=True, capture_output=True, timeout=120)
+    from PIL import Image
+    img = Image.open(shot).convert("L")
+    assert img.size == (1200, 1600)
+    hist = img.histogram()
+    assert sum(hist[:200]) > 0.01 * img.size[0] * img.size[1], "the page rendered text and plots, not a blank page"

@@ -189,6 +189,18 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .analysis.report import build_report
+
+    try:
+        path = build_report(args.folder, args.output)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from .methods import available_methods, method_options
 
@@ -245,12 +257,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model and training options, e.g. --set model.fusion=film")
     p.add_argument("--threshold", type=float, default=0.02, help="probe-accuracy gap that counts (fraction)")
     p.add_argument("--no-progress", action="store_true")
+    p = sub.add_parser("report", help="a self-contained HTML page from a bench folder")
+    p.add_argument("folder", type=Path)
+    p.add_argument("--output", type=Path, help="default: FOLDER/report.html")
     p = sub.add_parser("methods", help="list the registered methods")
     p.add_argument("-v", "--verbose", action="store_true", help="also list each method's options")
     return parser
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data": cmd_data, "bench": cmd_bench, "diagnose": cmd_diagnose}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data": cmd_data, "bench": cmd_bench, "diagnose": cmd_diagnose, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
