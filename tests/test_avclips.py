@@ -157,3 +157,22 @@ def test_prepare_from_videos_with_pyav_then_load(tmp_path, capsys):
     assert main(["data", "prepare", "cremad", "--videos", str(videos), "--out", str(root), "--no-progress",
                  "--skip-bad"]) == 0
     assert "skipped 1" in capsys.readouterr().out
+
+
+def test_gpu_cremad_script_runs_on_the_fake_layout_with_a_tiny_budget(cremad, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_cremad.sh"
+    env = {**os.environ, "EPOCHS": "1", "SEEDS": "0", "DEVICE": "cpu", "WORKERS": "0",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    if shutil.which("equimodal", path=env["PATH"]) is None:
+        pytest.skip("the equimodal command is not installed in this environment")
+    done = subprocess.run(["bash", str(script), str(cremad), str(tmp_path / "out"), "--set", "data.image_size=32",
+                           "--set", f"data.cache_dir={tmp_path / 'c'}", "--set", "data.val_fraction=0.25",
+                           "--set", "train.probe=false"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "acc audio (%)" in done.stdout and "ogm-ge:alpha=0.8" in done.stdout
