@@ -140,3 +140,21 @@ def test_every_method_trains_with_three_modalities(tmp_path, tiny_overrides, nam
     summary = Trainer(cfg, out_dir=tmp_path, echo=lambda s: None).fit()
     assert summary["modalities"] == ["visual", "audio", "tactile"]
     assert set(summary["test_acc_by_modality"]) == {"visual", "audio", "tactile"}
+
+
+def test_own_head_gradients_are_averaged_across_ranks(monkeypatch):
+    """Methods with heads outside the model average those gradients (faked 2-rank reduction)."""
+    import equimodal._dist as dist
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce_sum", lambda t: t.mul_(3))  # as if the other rank had twice ours
+    for name in ("uncertainty", "distill", "ssl"):
+        model = make_model()
+        method = build_method(name)
+        method.setup(model)
+        x, y = fake_batch()
+        sum(method.loss(model(x), y).values()).backward()
+        before = [p.grad.clone() for p in method.parameters() if p.grad is not None]
+        assert before, name
+        method.before_step(model)
+        after = [p.grad for p in method.parameters() if p.grad is not None]
+        assert all(torch.allclose(a, 1.5 * b) for a, b in zip(after, before)), name

@@ -27,3 +27,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of parameters that live outside the DDP wrapper (a method's own heads)
+    over all ranks: one all-reduce of one flat tensor. Without a process group, nothing happens."""
+    if world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = all_reduce_sum(torch.cat([g.flatten() for g in grads])) / world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()

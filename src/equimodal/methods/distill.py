@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._dist import average_gradients
 from ..models.multimodal import ModelOutput
 from ._base import Method, Stage, unwrap
 from ._heads import encoder_dims, reset_module, seeded, set_trainable
@@ -88,6 +89,9 @@ class Distill(Method):
                 {f"{w}_to_{t}": nn.Linear(dims[w], dims[t]) for w in dims for t in dims if w != t}), self.seed + 13)
         self.attach_parameters(model, optimizer)
         self._apply_freezing()
+
+    def before_step(self, model: nn.Module) -> None:
+        average_gradients(self.parameters())  # the method's own heads live outside the DDP wrapper
 
     def parameters(self) -> list[nn.Parameter]:
         if self.heads is None:

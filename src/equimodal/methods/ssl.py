@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._dist import average_gradients
 from ..models.multimodal import ModelOutput
 from ._base import Method, Stage, unwrap
 from ._heads import encoder_dims, seeded
@@ -71,6 +72,9 @@ class SSL(Method):
                 {m: nn.Sequential(nn.Linear(d, d), nn.ReLU(inplace=True), nn.Linear(d, p)) for m, d in dims.items()}),
                 self.seed + 17)
         self.attach_parameters(model, optimizer)
+
+    def before_step(self, model: nn.Module) -> None:
+        average_gradients(self.parameters())  # the method's own heads live outside the DDP wrapper
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.projections.parameters()) if self.projections is not None else []

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._dist import all_reduce_sum, world_size
+from .._dist import average_gradients
 from ..models.multimodal import ModelOutput
 from ._base import Method, unwrap
 from ._heads import encoder_dims, seeded
@@ -89,14 +89,7 @@ class Uncertainty(Method):
         return {**terms, **output.estimator_losses(targets)}
 
     def before_step(self, model: nn.Module) -> None:
-        if world_size() > 1:
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            if grads:
-                flat = all_reduce_sum(torch.cat([g.flatten() for g in grads])) / world_size()
-                offset = 0
-                for g in grads:
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                    offset += g.numel()
+        average_gradients(self.parameters())
         if self._ogm is not None:
             self._ogm.before_step(model)
 
