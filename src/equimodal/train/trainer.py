@@ -27,7 +27,6 @@ from ..models import ENCODERS, MultimodalModel
 from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import accuracy, linear_probe_accuracy, macro_f1
 
-SUMMARY_KEYS = ("test_acc", "test_macro_f1", "test_acc_by_modality", "method", "dataset", "seed", "epochs", "seconds")
 
 
 # --- builders ------------------------------------------------------------------------------
