@@ -1,6 +1,7 @@
 """PNG figures for a benchmark folder (matplotlib, headless)."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ def _mean_curve(runs: list[dict[str, Any]], key: str, sub: str | None = None) ->
         vals = [(rec[key][sub] if sub else rec[key]) if key in rec else np.nan for rec in r["history"]]
         curves.append(vals)
     n = min(len(c) for c in curves)
-    return np.nanmean(np.array([c[:n] for c in curves], dtype=float), axis=0)
+    with warnings.catch_warnings():  # epochs where a key is absent (e.g. a pre-training stage) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.array([c[:n] for c in curves], dtype=float), axis=0)
 
 
 def accuracy_per_epoch(results: list[dict[str, Any]], path: Path) -> Path:
