@@ -75,7 +75,7 @@ def probe_bars(results: list[dict[str, Any]], path: Path) -> Path | None:
     modalities = list(dict.fromkeys(m for r in results for m in r.get("probe_acc_by_modality", {})))
     if not modalities:
         return None
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(groups) * len(modalities)), 4.2))
+    fig, ax = plt.subplots(figsize=(min(14, max(6, 0.45 * len(groups) * len(modalities))), 4.6))
     width = 0.8 / len(modalities)
     x = np.arange(len(groups))
     for j, m in enumerate(modalities):
