@@ -163,8 +163,13 @@ class Trainer:
     def __init__(self, cfg: dict, out_dir: str | Path | None = None, echo: Callable[[str], None] = print) -> None:
         self.cfg = copy.deepcopy(cfg)
         t = self.cfg["train"]
-        if out_dir is None:
-            out_dir = t["out"] or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+        if out_dir is None and t["out"]:
+            out_dir = t["out"]
+        if out_dir is None:  # runs/<timestamp>, never reusing a folder of another run
+            stamp = Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+            out_dir, n = stamp, 1
+            while out_dir.exists():
+                out_dir, n = stamp.with_name(f"{stamp.name}-{n}"), n + 1
         self.out_dir = Path(out_dir)
         self.echo = echo
         self.device = resolve_device(t["device"])
