@@ -44,11 +44,11 @@ POSITIVE = ("model.width", "model.feature_dim", "optim.lr", "optim.step_size", "
             "train.accumulate")
 
 
-def _deep_merge(base: dict, extra: dict, prefix: str = "") -> dict:
+def _deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v, f"{prefix}{k}.")
+            out[k] = _deep_merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -77,7 +77,7 @@ def _set(cfg: dict, path: list[str], value: Any) -> None:
 
 def _check_type(key: str, value: Any, default: Any) -> Any:
     """Coerce/check ``value`` against the type of its default (None defaults accept anything)."""
-    if default is None or value is None and default is None:
+    if default is None:
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
