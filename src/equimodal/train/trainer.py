@@ -347,7 +347,11 @@ class Trainer:
             selected = self.best["epoch"]
         start = time.perf_counter()
         test = evaluate(self.model, self.active, self.splits.test, self.device, bf16=self.bf16)
-        probes = linear_probes(self.model, self.splits, self.device) if t["probe"] else {}
+        last = self.stage_reports[-1] if self.stage_reports else None
+        if last is not None and last["stage"] == self.plan[-1][0] and selected == self.epoch - 1:
+            probes = last["probe_acc_by_modality"]  # same final model: the last stage report already fitted them
+        else:
+            probes = linear_probes(self.model, self.splits, self.device) if t["probe"] else {}
         summary = {
             "method": self.cfg["method"]["name"], "dataset": self.cfg["data"]["name"], "seed": t["seed"],
             "epochs": self.total_epochs, "fusion": self.cfg["model"]["fusion"], "estimator": self.model.estimator,
