@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch.utils.data import Dataset
@@ -85,3 +86,26 @@ class DataSplits:
     @property
     def num_classes(self) -> int:
         return self.train.num_classes
+
+
+def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False,
+                    num_workers: int = 0, limit: int | None = None
+                    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Mini-batches in a seeded order (shuffled when a generator is given); at most ``limit`` samples.
+
+    In-memory datasets: one vectorised index gather per batch. Datasets read from disk go through a
+    ``DataLoader`` (``num_workers`` processes) over the same order."""
+    n = len(dataset)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if limit is not None:
+        order = order[:max(0, int(limit))]
+        n = order.numel()
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    chunks = [order[start:start + batch_size] for start in range(0, stop, batch_size)]
+    if isinstance(dataset, TensorMultimodalDataset):
+        for chunk in chunks:
+            yield dataset[chunk]
+        return
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[c.tolist() for c in chunks],
+                                         num_workers=num_workers, persistent_workers=False)
+    yield from loader

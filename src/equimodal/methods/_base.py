@@ -1,32 +1,43 @@
 """The method contract: a small object with a fixed set of optional hooks, each a no-op by default.
 
 The loop that calls them (our ``Trainer`` or a user's own) looks like this; each hook's docstring
-says exactly where it runs and what state the gradients are in::
+says exactly where it runs and what state the gradients are in. Every hook of a stage is called on
+that stage's *runner* (``stage.method or method``): a multi-stage method hands later stages to
+other methods (``ssl`` then ``joint``), and calling ``method.loss`` there would keep training the
+first stage's objective::
 
     for stage in method.stages():            # most methods: one supervised stage
         runner = stage.method or method
+        optimizer = make_optimizer(model)    # a fresh optimizer per stage
         runner.on_stage_start(stage.name, resumed=False)
-        runner.setup(model, optimizer, seed=seed)   # a fresh optimizer per stage
-        for epoch in ...:                    # counted from 0 within the stage
-            method.on_epoch_start(epoch)
+        runner.attach_data(data)             # optional: only methods that read data use it
+        runner.setup(model, optimizer, seed=seed)
+        for epoch in range(stage.epochs or epochs):   # counted from 0 within the stage
+            model.train()
+            runner.on_epoch_start(epoch)
             for inputs, targets in loader:
-                out = model(inputs)
-                terms = method.loss(out, targets)         # named loss terms
+                out = runner.forward(model, inputs)       # default: model(inputs)
+                terms = runner.loss(out, targets)         # named loss terms
                 sum(terms.values()).backward()
-                method.before_step(model)                 # gradient modulation happens here
-                optimizer.step(); method.after_step(model); optimizer.zero_grad()
-            method.on_epoch_end(epoch, metrics)
-    predictions = method.predict(model(inputs)).argmax(1)
+                runner.before_step(model)                 # gradient modulation happens here
+                optimizer.step()
+                runner.after_step(model)                  # undo per-step optimizer changes
+                optimizer.zero_grad()
+            runner.on_epoch_end(epoch, metrics)  # metrics: at least {"val_acc_by_modality": ...}
+    predictions = runner.predict(model(inputs)).argmax(1)   # the last stage's runner
+
+``equimodal.methods.run_stages`` (``_loop.py``) is this loop, runnable as written.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.base import iterate_batches
 from ..models.multimodal import ModelOutput
 
 
@@ -41,6 +52,33 @@ class Stage:
     name: str = "supervised"
     epochs: int | None = None
     method: "Method | None" = None
+
+
+@dataclass
+class MethodData:
+    """The data a method may read outside the training steps (``Method.attach_data``).
+
+    ``train``: the part of the training split the model is trained on. ``holdout``: a stratified
+    part of the *training* split withheld from training for the method's own estimates (only when
+    the method sets ``holdout_fraction`` > 0; G-Blending). ``val``: the validation split (carved
+    from training data; model selection and methods that the spec allows to read validation).
+    The test split is never given to a method. ``batches`` iterates a dataset in a fixed order with
+    tensors on ``device``.
+    """
+
+    train: Any
+    val: Any = None
+    holdout: Any = None
+    device: torch.device | str = "cpu"
+
+    def batches(self, dataset: Any, batch_size: int = 256, seed: int | None = None,
+                limit: int | None = None) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """(inputs, labels) batches on ``device``; shuffled by ``seed`` when given; at most ``limit``
+        samples (the first ones of that order)."""
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        for inputs, labels in iterate_batches(dataset, batch_size, generator, limit=limit):
+            yield ({m: x.to(self.device, non_blocking=True) for m, x in inputs.items()},
+                   labels.to(self.device, non_blocking=True))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -62,12 +100,16 @@ class Method:
     supports_distributed: bool = True
     #: smallest number of modalities the method works with
     min_modalities: int = 1
+    #: fraction of the training split the trainer withholds for this method's own estimates
+    #: (given to ``attach_data`` as ``MethodData.holdout``); 0 for most methods
+    holdout_fraction: float = 0.0
     #: registry name, filled in by ``register_method``
     name: str = "method"
 
     def __init__(self) -> None:
         self.epoch = 0
         self.seed = 0
+        self.data: MethodData | None = None
 
     # --- hooks -----------------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
@@ -86,6 +128,25 @@ class Method:
         if len(inner.modalities) < self.min_modalities:
             raise ValueError(f"method {self.name!r} needs at least {self.min_modalities} modalities; "
                              f"the model has {list(inner.modalities)}")
+
+    def attach_data(self, data: MethodData) -> None:
+        """Before ``setup`` of each stage the method runs: the data it may read outside the training
+        steps (prototypes, held-out estimates, per-sample valuations). Default: keep a reference."""
+        self.data = data
+
+    def require_data(self) -> MethodData:
+        """``self.data``, or a named error saying how to provide it (for methods that need data)."""
+        if self.data is None:
+            raise RuntimeError(f"method {self.name!r} reads training data outside the steps: call "
+                               "method.attach_data(MethodData(train=..., val=..., device=...)) before setup()")
+        return self.data
+
+    def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> ModelOutput:
+        """The training forward pass of one micro-batch. Default: ``model(inputs)``.
+
+        A method that needs the inputs themselves (zero-padded passes, input-level dropout) overrides
+        it; evaluation always calls ``model(inputs)`` and ``predict``."""
+        return model(inputs)
 
     def loss(self, output: ModelOutput, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named loss terms for one micro-batch (the caller sums them and calls ``backward``).

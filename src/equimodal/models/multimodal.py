@@ -1,7 +1,8 @@
 """The multimodal model contract: a dict of named inputs -> fused logits, per-modality logits, features.
 
 Methods talk only to this contract (``ModelOutput``, ``modalities``, ``encoder(name)``,
-``encoder_parameters(name)``, ``head_parameters()``), never to attribute names of a particular model.
+``encoder_parameters(name)``, ``head_parameters()``, and, for methods that drop or re-weight
+features before fusion, ``fuse(features)``), never to attribute names of a particular model.
 """
 from __future__ import annotations
 
@@ -119,6 +120,13 @@ class MultimodalModel(nn.Module):
         if missing:
             raise KeyError(f"inputs lack modalities {missing}; got keys {sorted(inputs)}")
         return {m: self.encoders[m](inputs[m]) for m in self.modalities}
+
+    def fuse(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Fused logits from (possibly masked or re-weighted) features, one tensor per modality.
+
+        Part of the model contract for methods that change features before fusion (modality
+        dropout, OPM): they call it with the ``features`` of a ``ModelOutput``, modified."""
+        return self.fusion(features)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> ModelOutput:
         features = self.encode(inputs)

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from ..config import dump_config
 from ..data import DataSplits, TensorMultimodalDataset, load_dataset
-from ..methods import Method, build_method
+from ..data.base import iterate_batches, stratified_split
+from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
 from .checkpoint import load_checkpoint, save_checkpoint
 from .metrics import accuracy, linear_probe_accuracy, macro_f1
@@ -82,21 +83,9 @@ def build_scheduler(optim_cfg: dict, optimizer: torch.optim.Optimizer, epochs: i
 
 def batches(dataset, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False,
             num_workers: int = 0) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """Mini-batches in a seeded order (shuffled when a generator is given).
-
-    In-memory datasets: one vectorised index gather per batch. Datasets read from disk go through a
-    ``DataLoader`` (``num_workers`` processes) over the same order."""
-    n = len(dataset)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    chunks = [order[start:start + batch_size] for start in range(0, stop, batch_size)]
-    if isinstance(dataset, TensorMultimodalDataset):
-        for chunk in chunks:
-            yield dataset[chunk]
-        return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[c.tolist() for c in chunks],
-                                         num_workers=num_workers, persistent_workers=False)
-    yield from loader
+    """Mini-batches in a seeded order (shuffled when a generator is given); see
+    ``equimodal.data.base.iterate_batches``."""
+    return iterate_batches(dataset, batch_size, generator, drop_last=drop_last, num_workers=num_workers)
 
 
 def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -182,6 +171,7 @@ class Trainer:
         # the plan: (stage name, method that runs it, epochs); one supervised stage for most methods
         self.plan = [(st.name, st.method or self.method, st.epochs if st.epochs is not None else t["epochs"])
                      for st in self.method.stages()]
+        self.holdout = self._carve_holdout(max(m.holdout_fraction for _, m, _ in self.plan))
         self.total_epochs = sum(e for _, _, e in self.plan)
         self.epoch = 0  # global epoch, across stages
         self.history: list[dict[str, Any]] = []
@@ -190,6 +180,16 @@ class Trainer:
         self.elapsed = 0.0
         self.stage_index = -1
         self._enter_stage(0, resumed=False)
+
+    def _carve_holdout(self, fraction: float):
+        """A stratified part of the training split, withheld from training, for methods that
+        estimate something on held-out *training* data (never validation or test)."""
+        if fraction <= 0:
+            return None
+        keep, held = stratified_split(self.splits.train.labels, fraction, seed=self.cfg["train"]["seed"] + 7919)
+        holdout = self.splits.train.subset(held)
+        self.splits = DataSplits(self.splits.train.subset(keep), self.splits.val, self.splits.test, self.splits.name)
+        return holdout
 
     def _stage_at(self, epoch: int) -> tuple[int, int]:
         """(stage index, epoch within the stage) of a global epoch."""
@@ -207,6 +207,8 @@ class Trainer:
         self.optimizer = build_optimizer(self.cfg["optim"], self.model, method)
         self.scheduler = build_scheduler(self.cfg["optim"], self.optimizer, epochs)
         method.on_stage_start(name, resumed=resumed)
+        method.attach_data(MethodData(train=self.splits.train, val=self.splits.val, holdout=self.holdout,
+                                      device=self.device))
         method.setup(self.model, self.optimizer, seed=self.cfg["train"]["seed"])
 
     # --- state --------------------------------------------------------------------------
@@ -273,7 +275,7 @@ class Trainer:
         for i, (inputs, y) in enumerate(bar):
             inputs, y = to_device(inputs, self.device), y.to(self.device)
             with autocast_for(self.device, self.bf16):
-                out = self.model(inputs)
+                out = method.forward(self.model, inputs)
             terms = method.loss(out, y)
             loss = sum(terms.values())
             (loss / accumulate).backward()
