@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .errors import ConfigError, EquimodalError
 
 # flag -> config key; each flag is a shortcut for ``--set KEY=VALUE``
 SHORTCUTS = {
@@ -36,63 +37,79 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", help="output folder")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the interrupted run in DIR")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (bars show only on a terminal anyway)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .config import ConfigError, dump_config, load_config
+    from .config import dump_config, load_config
     from .train import Trainer
 
     if args.resume is not None:
-        if args.config or args.overrides or any(getattr(args, k) is not None for k in SHORTCUTS):
-            print("error: --resume takes the config of the run being resumed; drop the other options", file=sys.stderr)
-            return 2
-        if not (args.resume / "checkpoint.pt").is_file():
-            print(f"error: no checkpoint.pt in {args.resume}", file=sys.stderr)
-            return 2
+        if args.config or args.overrides or args.overwrite or any(getattr(args, k) is not None for k in SHORTCUTS):
+            raise ConfigError("--resume takes the config of the run being resumed; drop the other options "
+                              "(only --no-progress may be added)")
         trainer = Trainer.resume(args.resume)
-        print(f"resuming {args.resume} after epoch {trainer.epoch} of {trainer.cfg['train']['epochs']}")
-        trainer.fit()
-        return 0
+        if args.no_progress:
+            trainer.cfg["train"]["progress"] = False  # display only: the results do not depend on it
+        print(f"resuming {args.resume} after epoch {trainer.epoch} of {trainer.total_epochs}")
+        return _fit(trainer)
     overrides = [f"{key}={getattr(args, flag)}" for flag, key in SHORTCUTS.items() if getattr(args, flag) is not None]
     overrides += list(args.overrides)
     if args.no_progress:
         overrides.append("train.progress=false")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overwrite=args.overwrite)
+    trainer.check_out_dir()  # before the banner: refuse a folder that holds another run
     m = cfg["method"]
     print(f"equimodal {__version__}: {m['name']} on {cfg['data']['name']} ({', '.join(trainer.splits.modalities)}), "
           f"fusion {cfg['model']['fusion']} / estimator {trainer.model.estimator}, device {trainer.device}, "
           f"output {trainer.out_dir}")
-    trainer.fit()
+    return _fit(trainer)
+
+
+def _fit(trainer) -> int:
+    """Train; Ctrl-C ends with one line saying where to resume from."""
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        if trainer.epoch and (trainer.out_dir / "checkpoint.pt").is_file():
+            print(f"\ninterrupted after epoch {trainer.epoch} of {trainer.total_epochs}; continue with "
+                  f"`equimodal train --resume {trainer.out_dir}`", file=sys.stderr)
+        else:
+            print("\ninterrupted before the first epoch finished; nothing was saved to resume from", file=sys.stderr)
+        return 130
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .methods import build_method
-    from .train import build_model, evaluate, load_checkpoint
+    from .train import build_model, evaluate
+    from .train.checkpoint import load_run_state
     from .train.trainer import resolve_device
 
-    state = load_checkpoint(args.checkpoint)
+    state = load_run_state(args.checkpoint)
     cfg = state["config"]
     device = resolve_device(args.device or cfg["train"]["device"])
     splits = load_dataset(cfg["data"]["name"], **{k: v for k, v in cfg["data"].items() if k != "name"})
     model = build_model(cfg["model"], splits).to(device)
-    model.load_state_dict(state["model"])
+    best = state.get("best") or {}
+    if cfg["train"]["select"] == "best_val" and best.get("model") is not None and not args.last:
+        weights, epoch, which = best["model"], best["epoch"], "best validation epoch (train.select=best_val)"
+    else:
+        weights, epoch, which = state["model"], state["epoch"] - 1, "last trained epoch"
+    model.load_state_dict(weights)
     method = build_method(**cfg["method"])
     method.load_state_dict(state["method"])
     result = evaluate(model, method, getattr(splits, args.split), device,
                       bf16=bool(cfg["train"]["bf16"]) and device.type == "cuda")
-    result = {"checkpoint": str(args.checkpoint), "split": args.split, "epochs_trained": state["epoch"], **result}
+    result = {"checkpoint": str(args.checkpoint), "split": args.split, "epochs_trained": state["epoch"],
+              "evaluated_epoch": epoch + 1, "evaluated": which, **result}
     print(json.dumps(result, indent=2))
     return 0
 
@@ -166,10 +183,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    print(summarise(results, out, baseline=args.baseline))
-    for path in all_plots(results, out):
-        print(f"wrote {path}")
-    print(f"wrote {out / 'results.csv'} and {out / 'results.md'}")
+    if results:
+        print(summarise(results, out, baseline=args.baseline))
+        for path in all_plots(results, out):
+            print(f"wrote {path}")
+        print(f"wrote {out / 'results.csv'} and {out / 'results.md'}")
+    if results.failures:
+        print(f"error: {len(results.failures)} run(s) failed (details in {out / 'failures.json'}):", file=sys.stderr)
+        for f in results.failures:
+            print(f"  {f['label']} seed {f['seed']}: {f['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -223,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt or a run folder")
     p.add_argument("--split", choices=("test", "val"), default="test")
     p.add_argument("--device", help="auto | cpu | cuda (default: the run's)")
+    p.add_argument("--last", action="store_true",
+                   help="evaluate the last epoch's weights even if the run selected its best validation epoch")
     p = sub.add_parser("data", help="prepare datasets")
     dsub = p.add_subparsers(dest="data_command")
     prep = dsub.add_parser("prepare", help="build a dataset (AV-Digits cache, or frames + audio from videos)")
@@ -269,12 +294,19 @@ COMMANDS = {"train": cmd_train, "eval": cmd_eval, "methods": cmd_methods, "data"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. The library's own errors (``equimodal.errors.EquimodalError``: bad config,
+    data, checkpoint, output folder, non-finite training) print one line and exit 2; anything else
+    is a bug and keeps its traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except EquimodalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

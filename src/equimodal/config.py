@@ -13,13 +13,12 @@ from typing import Any
 
 import yaml
 
-from .data import dataset_options
+from .data import DATASET_MODALITIES, dataset_options
+from .errors import ConfigError
 from .methods import build_method, method_options
 from .models import ESTIMATORS, FUSIONS
 
-
-class ConfigError(ValueError):
-    """A configuration key or value is invalid."""
+__all__ = ["ConfigError", "DEFAULTS", "dump_config", "load_config", "resolve"]
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -29,7 +28,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
               "step_size": 10, "gamma": 0.1, "clip_grad_norm": None},
     "train": {"epochs": 12, "batch_size": 64, "accumulate": 1, "num_workers": 0, "seed": 0, "device": "auto", "bf16": True,
-              "select": "last", "probe": True, "out": None, "progress": True},
+              "select": "last", "probe": True, "out": None, "progress": True, "on_nan": "stop"},
 }
 
 CHOICES: dict[str, tuple] = {
@@ -39,9 +38,11 @@ CHOICES: dict[str, tuple] = {
     "optim.name": ("sgd", "adam", "adamw"),
     "optim.schedule": ("step", "cosine", "none"),
     "train.select": ("last", "best_val"),
+    "train.on_nan": ("stop", "skip"),
 }
-POSITIVE = ("model.width", "model.feature_dim", "optim.lr", "optim.step_size", "train.epochs", "train.batch_size",
-            "train.accumulate")
+POSITIVE = ("model.width", "model.feature_dim", "optim.lr", "optim.step_size", "optim.gamma", "train.epochs",
+            "train.batch_size", "train.accumulate")
+NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "train.num_workers", "train.seed")
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -146,6 +147,14 @@ def resolve(raw: dict) -> dict:
         s, k = key.split(".")
         if not cfg[s][k] > 0:
             raise ConfigError(f"{key}: must be > 0, got {cfg[s][k]!r}")
+    for key in NON_NEGATIVE:
+        s, k = key.split(".")
+        if not cfg[s][k] >= 0:
+            raise ConfigError(f"{key}: must be >= 0, got {cfg[s][k]!r}")
+    if cfg["model"]["estimator"] == "exact" and not FUSIONS[cfg["model"]["fusion"]].decomposes:
+        exact = sorted(n for n, f in FUSIONS.items() if f.decomposes)
+        raise ConfigError(f"model.estimator: 'exact' needs a fusion whose logits decompose ({', '.join(exact)}); "
+                          f"model.fusion is {cfg['model']['fusion']!r}: use estimator auto, probe or mask")
     clip = cfg["optim"]["clip_grad_norm"]
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
         raise ConfigError(f"optim.clip_grad_norm: expected null or a number > 0, got {clip!r}")
@@ -158,12 +167,38 @@ def resolve(raw: dict) -> dict:
     except KeyError as exc:
         raise ConfigError(str(exc.args[0])) from None
     cfg["data"] = _resolve_options("data", cfg["data"], data_defaults)
+    modalities = _check_data(cfg["data"])
     cfg["method"] = _resolve_options("method", cfg["method"], method_defaults)
     try:  # constructors check their values (choices, ranges): fail here, before any training
-        build_method(**cfg["method"])
+        method = build_method(**cfg["method"])
+        method.check_modalities(modalities)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"method {cfg['method']['name']!r}: {exc}") from None
+    except KeyError as exc:  # e.g. an unknown method named inside another method's options
+        raise ConfigError(f"method {cfg['method']['name']!r}: {exc.args[0]}") from None
     return cfg
+
+
+def _check_data(data: dict) -> list[str]:
+    """Checks every dataset shares (counts, fractions, modalities); returns the modalities used."""
+    name = data["name"]
+    for key, value in data.items():
+        if key.startswith("n_") and isinstance(value, int) and value <= 0:
+            raise ConfigError(f"data.{key}: must be > 0, got {value}")
+        if key.endswith("_fraction") and isinstance(value, float) and not 0.0 <= value < 1.0:
+            raise ConfigError(f"data.{key}: must be in [0, 1), got {value}")
+    known = list(DATASET_MODALITIES.get(name, ()))
+    if "modalities" not in data:
+        return known
+    mods = data["modalities"]
+    if not mods:
+        raise ConfigError("data.modalities: empty; name at least one modality")
+    unknown = [m for m in mods if known and m not in known]
+    if unknown:
+        raise ConfigError(f"data.modalities: {name} has no modality {unknown}; available: {known}")
+    if len(set(mods)) != len(mods):
+        raise ConfigError(f"data.modalities: {mods} names a modality twice")
+    return list(mods)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -179,9 +214,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            with open(path, encoding="utf-8") as fh:  # a stream, so YAML's error marks name the file
+                loaded = yaml.safe_load(fh) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+            problem = getattr(exc, "problem", None) or str(exc)
+            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         raw = _deep_merge(raw, loaded)

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from ..config import load_config
+from ..errors import RunFolderError
 from .stats import fmt_pct, mean_std, paired_difference
 
 
@@ -51,30 +54,86 @@ def plan_grid(dataset: str, methods: list[str], seeds: list[int], out: Path, ove
     return runs
 
 
+class GridResults(list):
+    """The summaries of the runs that finished, plus ``failures``: one dict per run that raised."""
+
+    failures: list[dict[str, Any]]
+
+
+#: keys that do not change what a run computes (so a stored run with other values is still reusable)
+_DISPLAY_KEYS = {("train", "progress"), ("train", "out")}
+
+
+def config_differences(stored: dict, wanted: dict) -> list[str]:
+    """``key: stored -> wanted`` for every config key that differs (display-only keys ignored)."""
+    diffs = []
+    for section in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(section) or {}, wanted.get(section) or {}
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            if a != b:
+                diffs.append(f"{section}: {a!r} -> {b!r}")
+            continue
+        for key in sorted(set(a) | set(b)):
+            if (section, key) not in _DISPLAY_KEYS and a.get(key) != b.get(key):
+                diffs.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+def check_reusable(run: BenchRun, cfg: dict) -> None:
+    """A cell folder that holds a run of another configuration is refused, never silently reused."""
+    stored_path = run.folder / "config.yaml"
+    if not stored_path.is_file():
+        return
+    stored = yaml.safe_load(stored_path.read_text()) or {}
+    diffs = config_differences(stored, cfg)
+    if diffs:
+        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+        raise RunFolderError(f"{run.folder} holds a run of {run.label} seed {run.seed} with another config ({shown}); "
+                             "use a new --out folder (or delete that run folder to rerun it)")
+
+
 def run_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path, overrides: list[str] | None = None,
-             echo: Callable[[str], None] = print, progress: bool = False) -> list[dict[str, Any]]:
-    """Run (or reuse) every (method, seed) and return their summaries with their label and history."""
+             echo: Callable[[str], None] = print, progress: bool = False) -> GridResults:
+    """Run (or reuse) every (method, seed) and return their summaries with their label and history.
+
+    A finished run is reused, an interrupted one resumed, only if its stored config equals the
+    requested one (else ``RunFolderError`` before anything runs). A run that raises is recorded in
+    ``failures`` (and ``out/failures.json``) with its error, and the grid goes on."""
     from ..train import Trainer
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = list(overrides or []) + [f"train.progress={'true' if progress else 'false'}"]
     runs = plan_grid(dataset, methods, seeds, out, base)
-    results = []
-    for i, run in enumerate(runs, 1):
+    configs = [load_config(overrides=run.overrides) for run in runs]
+    for run, cfg in zip(runs, configs):
+        check_reusable(run, cfg)
+    results, failures = GridResults(), []
+    for i, (run, cfg) in enumerate(zip(runs, configs), 1):
         summary_path = run.folder / "summary.json"
-        if summary_path.is_file():
-            summary = json.loads(summary_path.read_text())
-            echo(f"[{i}/{len(runs)}] {run.label} seed {run.seed}: done before, reused")
-        else:
-            cfg = load_config(overrides=run.overrides)
-            trainer = (Trainer.resume(run.folder, echo=lambda s: None) if (run.folder / "checkpoint.pt").is_file()
-                       else Trainer(cfg, echo=lambda s: None))
-            summary = trainer.fit()
-            echo(f"[{i}/{len(runs)}] {run.label} seed {run.seed}: test acc {summary['test_acc']:.4f}, "
-                 f"{summary['seconds']:.0f}s")
-        history = [json.loads(line) for line in (run.folder / "metrics.jsonl").read_text().splitlines() if line]
+        try:
+            if summary_path.is_file():
+                summary = json.loads(summary_path.read_text())
+                echo(f"[{i}/{len(runs)}] {run.label} seed {run.seed}: done before, reused")
+            else:
+                trainer = (Trainer.resume(run.folder, echo=lambda s: None) if (run.folder / "checkpoint.pt").is_file()
+                           else Trainer(cfg, echo=lambda s: None, overwrite=True))
+                summary = trainer.fit()
+                echo(f"[{i}/{len(runs)}] {run.label} seed {run.seed}: test acc {summary['test_acc']:.4f}, "
+                     f"{summary['seconds']:.0f}s")
+            history = [json.loads(line) for line in (run.folder / "metrics.jsonl").read_text().splitlines() if line]
+        except Exception as exc:  # noqa: BLE001 - one failing cell must not lose the grid
+            error = f"{type(exc).__name__}: {exc}"
+            failures.append({"label": run.label, "seed": run.seed, "folder": str(run.folder), "error": error})
+            echo(f"[{i}/{len(runs)}] {run.label} seed {run.seed}: FAILED: {error}")
+            continue
         results.append({**summary, "label": run.label, "history": history, "folder": str(run.folder)})
+    results.failures = failures
+    failures_path = out / "failures.json"
+    if failures:
+        failures_path.write_text(json.dumps(failures, indent=2))
+    elif failures_path.exists():
+        failures_path.unlink()
     return results
 
 

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..config import load_config
+from ..errors import EquimodalError
 from .bench import run_grid
 from .stats import mean_std
 
@@ -28,6 +29,10 @@ def diagnose(dataset: str, out: str | Path, seeds: list[int], overrides: list[st
         raise ValueError(f"diagnose needs two or more modalities; {dataset} has {modalities}")
     specs = [OBSERVED_JOINT, *(f"alone:{m}" for m in modalities)]
     results = run_grid(dataset, specs, seeds, out, overrides, echo=echo)
+    if results.failures:
+        first = results.failures[0]
+        raise EquimodalError(f"diagnose: {len(results.failures)} run(s) failed, e.g. {first['label']} seed "
+                             f"{first['seed']}: {first['error']} (all in {out / 'failures.json'})")
     joint = [r for r in results if r["label"] == OBSERVED_JOINT]
     report: dict[str, Any] = {"dataset": dataset, "seeds": seeds, "modalities": {}, "threshold": threshold}
     for m in modalities:

@@ -13,6 +13,7 @@ from .base import DataSplits, TensorMultimodalDataset, stratified_split
 from .avclips import PRESETS, AVClipDataset, av_clip_splits
 from .avdigits import avdigits_splits
 from .synthetic import synthetic_splits
+from ..errors import DataError
 
 #: name -> (loader, default options that differ from the loader's own defaults)
 DATASETS: dict[str, tuple[Callable[..., DataSplits], dict[str, Any]]] = {
@@ -21,6 +22,22 @@ DATASETS: dict[str, tuple[Callable[..., DataSplits], dict[str, Any]]] = {
     "avdigits": (avdigits_splits, {}),
     **{name: (functools.partial(av_clip_splits, name), {}) for name in PRESETS},  # the paper's datasets
 }
+
+
+#: name -> every modality the dataset can provide (``data.modalities`` picks among them, in order)
+DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
+    "synthetic": ("visual", "audio", "tactile"), "synthetic3": ("visual", "audio", "tactile"),
+    "avdigits": ("audio", "visual"), **{name: ("audio", "visual") for name in PRESETS},
+}
+
+
+def dataset_modalities(name: str, options: dict[str, Any] | None = None) -> list[str]:
+    """The modalities a configured dataset yields: ``options["modalities"]`` where the loader takes
+    that option, else all of ``DATASET_MODALITIES[name]``."""
+    opts = {**dataset_options(name), **(options or {})}
+    if "modalities" in opts:
+        return list(opts["modalities"])
+    return list(DATASET_MODALITIES.get(name, ()))
 
 
 def dataset_options(name: str) -> dict[str, Any]:
@@ -36,12 +53,12 @@ def load_dataset(name: str, **options: Any) -> DataSplits:
     valid = dataset_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"dataset {name!r} has no option(s) {unknown}; valid options: {sorted(valid)}")
+        raise DataError(f"dataset {name!r} has no option(s) {unknown}; valid options: {sorted(valid)}")
     fn, overrides = DATASETS[name]
     splits = fn(**{**overrides, **options})
     splits.name = name
     return splits
 
 
-__all__ = ["AVClipDataset", "DATASETS", "DataSplits", "TensorMultimodalDataset", "dataset_options", "load_dataset",
+__all__ = ["AVClipDataset", "DATASETS", "DATASET_MODALITIES", "dataset_modalities", "DataSplits", "TensorMultimodalDataset", "dataset_options", "load_dataset",
            "stratified_split", "synthetic_splits"]

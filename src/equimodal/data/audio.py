@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ..errors import DataError
 
 
 def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
@@ -21,10 +22,10 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
             rate, channels, width, frames = fh.getframerate(), fh.getnchannels(), fh.getsampwidth(), fh.getnframes()
             raw = fh.readframes(frames)
     except (wave.Error, EOFError, OSError) as exc:
-        raise ValueError(f"cannot read WAV file {path}: {exc}") from None
+        raise DataError(f"cannot read WAV file {path}: {exc}") from None
     dtypes = {1: np.uint8, 2: np.int16, 4: np.int32}
     if width not in dtypes:
-        raise ValueError(f"cannot read WAV file {path}: unsupported sample width {width} bytes")
+        raise DataError(f"cannot read WAV file {path}: unsupported sample width {width} bytes")
     data = np.frombuffer(raw, dtype=dtypes[width]).astype(np.float32)
     if width == 1:
         data = (data - 128.0) / 128.0
@@ -33,7 +34,7 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
     if channels > 1:
         data = data.reshape(-1, channels).mean(1)
     if data.size == 0:
-        raise ValueError(f"WAV file {path} holds no samples")
+        raise DataError(f"WAV file {path} holds no samples")
     return torch.from_numpy(data.copy()), rate
 
 

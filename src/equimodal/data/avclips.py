@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from .audio import log_stft_spectrogram, read_wav
 from .base import DataSplits, stratified_split
+from ..errors import DataError, DataNotFoundError
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -67,17 +68,17 @@ PRESETS = {
 
 def read_split(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
-        raise FileNotFoundError(f"split list not found: {path}")
+        raise DataNotFoundError(f"split list not found: {path}")
     rows = []
     with open(path, newline="") as fh:
         for lineno, row in enumerate(csv.reader(fh), 1):
             if not row or not "".join(row).strip():
                 continue
             if len(row) < 2:
-                raise ValueError(f"{path}:{lineno}: expected 'clip_id,label', got {row!r}")
+                raise DataError(f"{path}:{lineno}: expected 'clip_id,label', got {row!r}")
             rows.append((row[0].strip(), row[1].strip()))
     if not rows:
-        raise ValueError(f"split list {path} is empty")
+        raise DataError(f"split list {path} is empty")
     return rows
 
 
@@ -162,7 +163,7 @@ class AVClipDataset(Dataset):
         folder = self.frame_dir / clip
         names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg", ".png")))
         if not names:
-            raise FileNotFoundError(f"no frames in {folder}")
+            raise DataNotFoundError(f"no frames in {folder}")
         if self.train:
             chosen = sorted(rng.sample(range(len(names)), self.frames)) if len(names) >= self.frames \
                 else sorted(rng.choices(range(len(names)), k=self.frames))
@@ -174,7 +175,7 @@ class AVClipDataset(Dataset):
             try:
                 img = Image.open(path).convert("RGB")
             except OSError as exc:
-                raise ValueError(f"cannot read frame {path}: {exc}") from None
+                raise DataError(f"cannot read frame {path}: {exc}") from None
             if self.train:
                 img = random_resized_crop(img, self.image_size, rng)
                 if rng.random() < 0.5:
@@ -211,7 +212,7 @@ def _check_files(root: Path, preset: Preset, rows: list[tuple[str, str]], skip_m
             kept.append((clip, label))
     if missing and not skip_missing:
         shown = "\n  ".join(missing[:10])
-        raise FileNotFoundError(f"{len(missing)} file(s) listed in {where} are missing:\n  {shown}"
+        raise DataNotFoundError(f"{len(missing)} file(s) listed in {where} are missing:\n  {shown}"
                                 + ("\n  ..." if len(missing) > 10 else "")
                                 + "\n(pass data.skip_missing=true to skip those clips and count them)")
     return kept, missing
@@ -224,10 +225,10 @@ def av_clip_splits(name: str, root: str = "", split_dir: str = "", cache_dir: st
     ``cache_dir="off"``: recompute every spectrogram (no cache)."""
     preset = PRESETS[name]
     if not root:
-        raise ValueError(f"dataset {name!r} needs data.root: the folder with audio/ and visual/ (see `equimodal data prepare`)")
+        raise DataError(f"dataset {name!r} needs data.root: the folder with audio/ and visual/ (see `equimodal data prepare`)")
     root_path = Path(root)
     if not root_path.is_dir():
-        raise FileNotFoundError(f"data.root {root_path} does not exist")
+        raise DataNotFoundError(f"data.root {root_path} does not exist")
     split_path = Path(split_dir) if split_dir else root_path
     if not split_dir and name == "cremad" and not (root_path / "train.csv").is_file():
         from .avdigits import default_source
@@ -238,7 +239,7 @@ def av_clip_splits(name: str, root: str = "", split_dir: str = "", cache_dir: st
     for part, items in rows.items():
         unknown = sorted({label for _, label in items if label not in index})
         if unknown:
-            raise ValueError(f"{split_path / f'{part}.csv'}: labels {unknown[:5]} are not in the class list {classes[:10]}")
+            raise DataError(f"{split_path / f'{part}.csv'}: labels {unknown[:5]} are not in the class list {classes[:10]}")
     if len(classes) != preset.num_classes:
         print(f"note: {name} has {len(classes)} classes in {split_path}, the paper's has {preset.num_classes}")
     skipped = {}

@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 
 from .audio import fix_length, log_mel_spectrogram, read_wav
 from .base import DataSplits, TensorMultimodalDataset, stratified_split
+from .._progress import show_progress
+from ..errors import DataError, DataNotFoundError
 
 FSDD_DIR = "fsdd/recordings"
 MNIST_TEST_IMAGES = "mnist/t10k-images-idx3-ubyte.gz"
@@ -63,14 +65,14 @@ def read_idx(path: Path) -> np.ndarray:
         with opener(path, "rb") as fh:
             data = fh.read()
     except (OSError, EOFError) as exc:
-        raise ValueError(f"cannot read IDX file {path}: {exc}") from None
+        raise DataError(f"cannot read IDX file {path}: {exc}") from None
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
+        raise DataError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
     ndim = data[3]
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {body.size} values")
+        raise DataError(f"{path}: header says {dims} but holds {body.size} values")
     return body.reshape(dims)
 
 
@@ -80,9 +82,9 @@ def read_mnist_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with gzip.open(path, "rt") as fh:
             rows = np.loadtxt(fh, delimiter=",", dtype=np.int64)
     except (OSError, EOFError, ValueError) as exc:
-        raise ValueError(f"cannot read MNIST CSV {path}: {exc}") from None
+        raise DataError(f"cannot read MNIST CSV {path}: {exc}") from None
     if rows.ndim != 2 or rows.shape[1] != 785:
-        raise ValueError(f"{path}: expected 785 columns (784 pixels + label), got shape {rows.shape}")
+        raise DataError(f"{path}: expected 785 columns (784 pixels + label), got shape {rows.shape}")
     return rows[:, :784].reshape(-1, 28, 28).astype(np.uint8), rows[:, 784]
 
 
@@ -99,17 +101,17 @@ def fsdd_recordings(source: Path) -> list[tuple[Path, int, str, int]]:
     stops with its name (nothing is skipped silently)."""
     folder = source / FSDD_DIR
     if not folder.is_dir():
-        raise FileNotFoundError(f"FSDD recordings folder not found: {folder}")
+        raise DataNotFoundError(f"FSDD recordings folder not found: {folder}")
     out = []
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() != ".wav":
             continue
         match = _NAME.match(path.name)
         if not match:
-            raise ValueError(f"unexpected FSDD file name {path} (expected {{digit}}_{{speaker}}_{{take}}.wav)")
+            raise DataError(f"unexpected FSDD file name {path} (expected {{digit}}_{{speaker}}_{{take}}.wav)")
         out.append((path, int(match.group(1)), match.group(2), int(match.group(3))))
     if not out:
-        raise FileNotFoundError(f"no WAV recordings in {folder}")
+        raise DataNotFoundError(f"no WAV recordings in {folder}")
     return out
 
 
@@ -122,7 +124,7 @@ def download_avdigits(dest: str | Path, mirror: str | None = None, progress: boo
     dest = Path(dest)
     wanted = [f"{FSDD_DIR}/{d}_{s}_{t}.wav" for d in range(10) for s in SPEAKERS for t in range(50)]
     wanted += [MNIST_TEST_IMAGES, MNIST_TEST_LABELS, MNIST_TRAIN_5K]
-    for rel in tqdm(wanted, desc="download AV-Digits sources", disable=not progress):
+    for rel in tqdm(wanted, desc="download AV-Digits sources", disable=not show_progress(progress)):
         target = dest / rel
         if target.is_file():
             continue
@@ -137,7 +139,7 @@ def download_avdigits(dest: str | Path, mirror: str | None = None, progress: boo
             with urlopen(url, timeout=60) as response:
                 payload = response.read()
         except OSError as exc:
-            raise RuntimeError(f"download of {url} failed: {exc}") from None
+            raise DataError(f"download of {url} failed: {exc}") from None
         tmp = target.with_suffix(target.suffix + ".part")
         tmp.write_bytes(payload)
         os.replace(tmp, target)
@@ -156,30 +158,30 @@ def prepare_avdigits(source: str | Path, out: str | Path, split: str = "official
     """Build the cache in ``out``: ``avdigits.pt`` (tensors) and ``manifest.json``. Returns ``out``."""
     source, out = Path(source), Path(out)
     if split not in ("official", "speaker"):
-        raise ValueError(f"split must be 'official' or 'speaker', got {split!r}")
+        raise DataError(f"split must be 'official' or 'speaker', got {split!r}")
     unknown = [s for s in test_speakers if s not in SPEAKERS]
     if split == "speaker" and (unknown or not test_speakers):
-        raise ValueError(f"test_speakers must be a non-empty subset of {list(SPEAKERS)}; unknown: {unknown}")
+        raise DataError(f"test_speakers must be a non-empty subset of {list(SPEAKERS)}; unknown: {unknown}")
     for rel in (MNIST_TEST_IMAGES, MNIST_TEST_LABELS, MNIST_TRAIN_5K):
         if not (source / rel).is_file():
-            raise FileNotFoundError(f"AV-Digits source file missing: {source / rel}")
+            raise DataNotFoundError(f"AV-Digits source file missing: {source / rel}")
     recordings = fsdd_recordings(source)
     is_test = [(take <= 4) if split == "official" else (speaker in test_speakers)
                for _, _, speaker, take in recordings]
 
     length = int(round(duration * SAMPLE_RATE))
     waves = []
-    for path, *_ in tqdm(recordings, desc="decode FSDD", disable=not progress):
+    for path, *_ in tqdm(recordings, desc="decode FSDD", disable=not show_progress(progress)):
         wav, rate = read_wav(path)
         if rate != SAMPLE_RATE:
-            raise ValueError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE} Hz (FSDD)")
+            raise DataError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE} Hz (FSDD)")
         waves.append(fix_length(wav, length))
     spectrograms = log_mel_spectrogram(torch.stack(waves), SAMPLE_RATE, n_fft=n_fft, hop=hop, n_mels=n_mels)
 
     pools = {"train": read_mnist_csv(source / MNIST_TRAIN_5K), "test": None}
     test_images, test_labels = read_idx(source / MNIST_TEST_IMAGES), read_idx(source / MNIST_TEST_LABELS)
     if test_images.shape[0] != test_labels.shape[0]:
-        raise ValueError(f"{source / MNIST_TEST_IMAGES} and its labels disagree on the count")
+        raise DataError(f"{source / MNIST_TEST_IMAGES} and its labels disagree on the count")
     pools["test"] = (test_images, test_labels)
     pool_names = {"train": MNIST_TRAIN_5K, "test": MNIST_TEST_IMAGES}
 
@@ -194,7 +196,7 @@ def prepare_avdigits(source: str | Path, out: str | Path, split: str = "official
             mine = [k for k, i in enumerate(idx) if recordings[i][1] == digit]
             candidates = np.flatnonzero(labels == digit)
             if len(candidates) < len(mine):
-                raise ValueError(f"{pool_names[part]} has {len(candidates)} images of digit {digit}, "
+                raise DataError(f"{pool_names[part]} has {len(candidates)} images of digit {digit}, "
                                  f"fewer than the {len(mine)} {part} recordings to pair")
             chosen[mine] = gen.permutation(candidates)[:len(mine)]
         arrays[part] = {"audio": spectrograms[idx].to(torch.float32),
@@ -205,7 +207,7 @@ def prepare_avdigits(source: str | Path, out: str | Path, split: str = "official
 
     params = preprocessing_params(split, test_speakers, pairing_seed, duration, n_fft, hop, n_mels)
     sources = {str(p.relative_to(source)): sha256(p) for p, *_ in
-               tqdm(recordings, desc="checksum sources", disable=not progress)}
+               tqdm(recordings, desc="checksum sources", disable=not show_progress(progress))}
     for rel in (MNIST_TEST_IMAGES, MNIST_TEST_LABELS, MNIST_TRAIN_5K):
         sources[rel] = sha256(source / rel)
     out.mkdir(parents=True, exist_ok=True)
@@ -262,12 +264,12 @@ def avdigits_splits(source: str = "", cache_dir: str = "", prepared: str = "", s
         folder = Path(prepared)
         manifest_path = folder / "manifest.json"
         if not manifest_path.is_file() or not (folder / "avdigits.pt").is_file():
-            raise FileNotFoundError(f"data.prepared={prepared}: no avdigits.pt and manifest.json there "
+            raise DataNotFoundError(f"data.prepared={prepared}: no avdigits.pt and manifest.json there "
                                     "(make it with `equimodal data prepare avdigits`)")
         found = json.loads(manifest_path.read_text())["params"]
         diff = {k: (found.get(k), v) for k, v in params.items() if found.get(k) != v}
         if diff:
-            raise ValueError(f"{manifest_path} was prepared with other parameters (found, requested): {diff}")
+            raise DataError(f"{manifest_path} was prepared with other parameters (found, requested): {diff}")
     else:
         folder = (Path(cache_dir) if cache_dir else default_cache()) / f"avdigits-{preprocessing_key(params)}"
     if not (folder / "avdigits.pt").is_file():
@@ -277,7 +279,7 @@ def avdigits_splits(source: str = "", cache_dir: str = "", prepared: str = "", s
     arrays = torch.load(folder / "avdigits.pt", weights_only=True)
     unknown = [m for m in modalities if m not in ("audio", "visual")]
     if unknown:
-        raise ValueError(f"avdigits has no modality {unknown}; available: ['audio', 'visual']")
+        raise DataError(f"avdigits has no modality {unknown}; available: ['audio', 'visual']")
     train_audio, train_img = arrays["train"]["audio"], arrays["train"]["visual"].float() / 255.0
     stats = {"audio": (train_audio.mean(), train_audio.std()), "visual": (train_img.mean(), train_img.std())}
     noise = {"audio": audio_noise, "visual": visual_noise}

@@ -6,6 +6,7 @@ from typing import Iterator
 
 import torch
 from torch.utils.data import Dataset
+from ..errors import DataError
 
 
 class TensorMultimodalDataset(Dataset):
@@ -20,9 +21,9 @@ class TensorMultimodalDataset(Dataset):
         n = labels.shape[0]
         for name, x in inputs.items():
             if x.shape[0] != n:
-                raise ValueError(f"modality {name!r} has {x.shape[0]} samples but there are {n} labels")
+                raise DataError(f"modality {name!r} has {x.shape[0]} samples but there are {n} labels")
         if n and (labels.min() < 0 or labels.max() >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes}); got range "
+            raise DataError(f"labels must lie in [0, {num_classes}); got range "
                              f"[{int(labels.min())}, {int(labels.max())}]")
         self.inputs = dict(inputs)
         self.labels = labels.long()
@@ -56,7 +57,7 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     Each class with at least two samples contributes round(fraction * count) >= 1 samples.
     """
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+        raise DataError(f"validation fraction must be in [0, 1), got {fraction}")
     gen = torch.Generator().manual_seed(seed)
     keep, held = [], []
     for c in torch.unique(labels).tolist():

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import DataSplits, TensorMultimodalDataset, stratified_split
+from ..errors import DataError
 
 MODALITIES = ("visual", "audio", "tactile")
 SIZES = {"visual": 16, "audio": 24, "tactile": 12}
@@ -84,7 +85,7 @@ def make_synthetic(n: int, seed: int, num_classes: int = 10, modalities: tuple[s
     """Draw ``n`` samples. Prototypes come from ``prototype_seed`` (shared by all splits), samples from ``seed``."""
     unknown = [m for m in modalities if m not in MODALITIES]
     if unknown:
-        raise ValueError(f"synthetic data has no modality {unknown}; available: {list(MODALITIES)}")
+        raise DataError(f"synthetic data has no modality {unknown}; available: {list(MODALITIES)}")
     noise = noise or {}
     missing = missing or {}
     proto_gen = torch.Generator().manual_seed(prototype_seed)
@@ -119,7 +120,7 @@ def synthetic_splits(n_train: int = 3000, n_test: int = 1000, num_classes: int =
     missing = {"visual": visual_missing, "audio": audio_missing, "tactile": tactile_missing}
     for key, value in [*(("%s_noise" % m, v) for m, v in noise.items()), *(("%s_missing" % m, v) for m, v in missing.items())]:
         if value < 0 or (key.endswith("missing") and value > 1):
-            raise ValueError(f"synthetic option {key} out of range: {value}")
+            raise DataError(f"synthetic option {key} out of range: {value}")
     modalities = tuple(modalities)
     full_train = make_synthetic(n_train, seed=1000 + split_seed, num_classes=num_classes,
                                 modalities=modalities, noise=noise, missing=missing)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
+from .._progress import show_progress
+from ..errors import DataError, DataNotFoundError
 
 VIDEO_SUFFIXES = (".mp4", ".flv", ".avi", ".mkv", ".webm", ".mov")
 
@@ -46,12 +48,12 @@ def extract_clip(video: Path, out: Path, fps: int = 1, sample_rate: int = 22050,
     try:
         container = av.open(str(video))
     except Exception as exc:  # PyAV raises several error types (av.error.*)
-        raise ValueError(f"cannot open video {video}: {exc}") from None
+        raise DataError(f"cannot open video {video}: {exc}") from None
     with container:
         if not container.streams.video:
-            raise ValueError(f"{video} has no video stream")
+            raise DataError(f"{video} has no video stream")
         if audio and not container.streams.audio:
-            raise ValueError(f"{video} has no audio stream (pass audio=False / --no-audio and provide WAVs)")
+            raise DataError(f"{video} has no audio stream (pass audio=False / --no-audio and provide WAVs)")
         frame_dir = out / "visual" / f"Image-{fps:02d}-FPS" / clip
         frame_dir.mkdir(parents=True, exist_ok=True)
         n_frames, next_time = 0, 0.0
@@ -63,9 +65,9 @@ def extract_clip(video: Path, out: Path, fps: int = 1, sample_rate: int = 22050,
                     frame.to_image().save(frame_dir / f"frame_{n_frames:05d}.jpg", quality=95)
                     next_time += 1.0 / fps
         except Exception as exc:
-            raise ValueError(f"cannot decode the video stream of {video}: {exc}") from None
+            raise DataError(f"cannot decode the video stream of {video}: {exc}") from None
         if n_frames == 0:
-            raise ValueError(f"{video}: no frame decoded")
+            raise DataError(f"{video}: no frame decoded")
         n_samples = 0
         if audio:
             container.seek(0)
@@ -78,10 +80,10 @@ def extract_clip(video: Path, out: Path, fps: int = 1, sample_rate: int = 22050,
                 for out_frame in resampler.resample(None):
                     chunks.append(out_frame.to_ndarray().reshape(-1))
             except Exception as exc:
-                raise ValueError(f"cannot decode the audio stream of {video}: {exc}") from None
+                raise DataError(f"cannot decode the audio stream of {video}: {exc}") from None
             samples = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
             if samples.size == 0:
-                raise ValueError(f"{video}: the audio stream is empty")
+                raise DataError(f"{video}: the audio stream is empty")
             write_wav(out / "audio" / f"{clip}.wav", samples, sample_rate)
             n_samples = int(samples.size)
     return n_frames, n_samples
@@ -94,9 +96,9 @@ def prepare_clips(videos: str | Path, out: str | Path, fps: int = 1, sample_rate
     videos, out = Path(videos), Path(out)
     files = sorted(p for p in videos.rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES)
     if not files:
-        raise FileNotFoundError(f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {videos}")
+        raise DataNotFoundError(f"no video files ({', '.join(VIDEO_SUFFIXES)}) under {videos}")
     done, skipped = 0, []
-    for path in tqdm(files, desc="extract frames and audio", disable=not progress):
+    for path in tqdm(files, desc="extract frames and audio", disable=not show_progress(progress)):
         try:
             extract_clip(path, out, fps=fps, sample_rate=sample_rate, audio=audio)
             done += 1

@@ -111,6 +111,13 @@ class Method:
         self.seed = 0
         self.data: MethodData | None = None
 
+    def check_modalities(self, modalities: list[str] | tuple[str, ...]) -> None:
+        """Before anything is built (config validation): refuse modality lists the method cannot
+        handle, with a named error. Default: at least ``min_modalities``; methods with options
+        that name a modality (a teacher) check those too."""
+        if len(modalities) < self.min_modalities:
+            raise ValueError(f"needs at least {self.min_modalities} modalities; data.modalities is {list(modalities)}")
+
     # --- hooks -----------------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
         """Before training (and again at the start of each later stage the method runs, with that

@@ -72,6 +72,12 @@ class Distill(Method):
     def stages(self) -> list[Stage]:
         return [Stage(name, self.stage_epochs[name]) for name in ("teacher", "student", "fuse")]
 
+    def check_modalities(self, modalities: list[str] | tuple[str, ...]) -> None:
+        super().check_modalities(modalities)
+        if self.teacher_option != "auto" and self.teacher_option not in modalities:
+            raise ValueError(f"teacher {self.teacher_option!r} is not one of data.modalities {list(modalities)} "
+                             "(or 'auto': chosen on validation)")
+
     @property
     def students(self) -> list[str]:
         return [m for m in self._model.modalities if m != self.teacher] if self._model is not None else []

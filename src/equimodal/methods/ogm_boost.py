@@ -40,6 +40,14 @@ class OGMBoost(OGMGE):
             raise ValueError(f"noise must be one of {list(_NOISES)}, got {noise!r}")
         if beta < 0 or fixed_factor < 1:
             raise ValueError(f"beta must be >= 0 and fixed_factor >= 1; got beta={beta}, fixed_factor={fixed_factor}")
+        # options that would be accepted but change nothing are refused, so a grid never runs a no-op
+        if noise == "sgn" and mode == "suppress":
+            raise ValueError("noise='sgn' adds noise only where a gradient is boosted (k > 1), and mode='suppress' "
+                             "boosts nothing: use noise='ge' or another mode")
+        if beta != 1.0 and noise != "sgn":
+            raise ValueError(f"beta={beta} scales only noise='sgn'; with noise={noise!r} it has no effect")
+        if fixed_factor != 4.0 and mode != "fixed":
+            raise ValueError(f"fixed_factor={fixed_factor} applies only to mode='fixed'; with mode={mode!r} it has no effect")
         super().__init__(alpha=alpha, params=params, modulation_starts=modulation_starts,
                          modulation_ends=modulation_ends, level=level, ge=noise != "none")
         self.mode, self.noise, self.beta, self.fixed_factor = mode, noise, float(beta), float(fixed_factor)

@@ -1,6 +1,7 @@
 """OGM and OGM-GE: on-the-fly gradient modulation (with generalisation enhancement). methods.md §1."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -82,7 +83,8 @@ class OGMGE(Method):
         self._modalities: tuple[str, ...] = ()
         self._params: dict[str, list[nn.Parameter]] = {}
         self._optimizer: torch.optim.Optimizer | None = None
-        self._saved_lrs: list[tuple[dict, float]] = []
+        self._saved_lrs: list[tuple[dict, float, float]] = []
+        self._warned_after_step = False
         self._stats: torch.Tensor | None = None  # [s_1..s_N, count] since the last step
         self._trace: torch.Tensor | None = None  # [sum rho_1..N, sum k_1..N, steps] since last log()
         self.last_ratios: torch.Tensor | None = None
@@ -124,6 +126,11 @@ class OGMGE(Method):
 
     # --- per optimizer step --------------------------------------------------------------
     def before_step(self, model: nn.Module) -> None:
+        if not self._modalities:
+            raise RuntimeError(f"{self.name}: call method.setup(model, optimizer) before training "
+                               "(it caches the encoders' parameters the method modulates)")
+        if self._saved_lrs:  # after_step was not called after the last step: restore the lrs now
+            self._restore_lrs(by_ratio=True)
         if self._stats is None:
             raise RuntimeError(f"{self.name}.before_step() called with no loss() since the last step; "
                                "call method.loss(output, targets) on each micro-batch first")
@@ -175,12 +182,23 @@ class OGMGE(Method):
         for group in self._optimizer.param_groups:
             m = group.get("modality")
             if m in by_modality:
-                self._saved_lrs.append((group, group["lr"]))
+                self._saved_lrs.append((group, group["lr"], by_modality[m]))
                 group["lr"] = group["lr"] * by_modality[m]
 
     def after_step(self, model: nn.Module) -> None:
-        for group, lr in self._saved_lrs:
-            group["lr"] = lr
+        self._restore_lrs(by_ratio=False)
+
+    def _restore_lrs(self, by_ratio: bool) -> None:
+        """Undo ``level="update"``'s scaling. Normally in ``after_step`` (exact: the saved value);
+        a loop that never calls ``after_step`` gets it at the next ``before_step`` instead, by
+        dividing by the applied factor (so a scheduler step in between is kept), with a warning."""
+        if by_ratio and not self._warned_after_step:
+            warnings.warn(f"{self.name}: level='update' scales learning rates for one step and restores them in "
+                          "after_step(); call method.after_step(model) right after optimizer.step() "
+                          "(restored at the next before_step instead)", RuntimeWarning, stacklevel=3)
+            self._warned_after_step = True
+        for group, lr, factor in self._saved_lrs:
+            group["lr"] = group["lr"] / factor if by_ratio and factor > 0 else lr
         self._saved_lrs = []
 
     # --- logging and state ---------------------------------------------------------------

@@ -46,6 +46,8 @@ class SSL(Method):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        if isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1:
+            raise ValueError(f"projection_dim must be a positive integer, got {projection_dim!r}")
         if pretrain_epochs is not None and (not isinstance(pretrain_epochs, int) or pretrain_epochs < 1):
             raise ValueError(f"pretrain_epochs must be a positive integer or null, got {pretrain_epochs!r}")
         if then_options is not None and not isinstance(then_options, dict):
@@ -58,6 +60,11 @@ class SSL(Method):
         self.pretrain_epochs = pretrain_epochs
         self.projections: nn.ModuleDict | None = None
         self._pairs: list[tuple[str, str]] = []
+        self._skipped = 0
+
+    def check_modalities(self, modalities: list[str] | tuple[str, ...]) -> None:
+        super().check_modalities(modalities)
+        self.then_method.check_modalities(modalities)
 
     def stages(self) -> list[Stage]:
         return [Stage("pretrain", self.pretrain_epochs), Stage("supervised", None, self.then_method)]
@@ -80,11 +87,23 @@ class SSL(Method):
         return list(self.projections.parameters()) if self.projections is not None else []
 
     def loss(self, output: ModelOutput, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Labels are not used: pre-training is self-supervised."""
+        """Labels are not used: pre-training is self-supervised.
+
+        A batch of one sample has no negatives (the last batch of an epoch can be that small): it
+        contributes a zero loss that still reaches every parameter (so the step is a no-op for the
+        gradients, momentum aside) and is counted in ``log()`` as ``skipped_batches``."""
         if targets.shape[0] < 2:
-            raise ValueError("ssl: InfoNCE needs at least two samples per batch (the others are the negatives)")
+            self._skipped += 1
+            zero = sum(h.sum() for h in output.features.values()) * 0.0
+            zero = zero + sum(p.sum() for p in self.parameters()) * 0.0
+            return {f"infonce/{a}-{b}": zero for a, b in self._pairs[:1]}
         z = {m: self.projections[m](h) for m, h in output.features.items()}
         return {f"infonce/{a}-{b}": info_nce(z[a], z[b], self.temperature) for a, b in self._pairs}
+
+    def log(self) -> dict[str, float]:
+        out = {"skipped_batches": float(self._skipped)} if self._skipped else {}
+        self._skipped = 0
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         state = {"epoch": self.epoch}

@@ -20,12 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._progress import show_progress
 from ..config import dump_config
+from ..errors import ConfigError, NonFiniteError, RunFolderError
 from ..data import DataSplits, TensorMultimodalDataset, load_dataset
 from ..data.base import iterate_batches, stratified_split
 from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_run_state, save_checkpoint
 from .metrics import accuracy, linear_probe_accuracy, macro_f1
 
 
@@ -35,7 +37,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name!r} but CUDA is not available on this machine")
+        raise ConfigError(f"train.device={name!r} but CUDA is not available on this machine (use auto or cpu)")
+    if name.startswith("cuda:") and int(name.split(":", 1)[1]) >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 
@@ -149,8 +153,14 @@ class Trainer:
     ``summary.json`` and ``checkpoint.pt`` (saved every epoch; ``resume()`` continues from it).
     """
 
-    def __init__(self, cfg: dict, out_dir: str | Path | None = None, echo: Callable[[str], None] = print) -> None:
+    #: files whose presence means a folder holds a run
+    RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl")
+
+    def __init__(self, cfg: dict, out_dir: str | Path | None = None, echo: Callable[[str], None] = print,
+                 overwrite: bool = False) -> None:
         self.cfg = copy.deepcopy(cfg)
+        self.overwrite = overwrite
+        self.resumed = False
         t = self.cfg["train"]
         if out_dir is None and t["out"]:
             out_dir = t["out"]
@@ -165,6 +175,8 @@ class Trainer:
         self.bf16 = bool(t["bf16"]) and self.device.type == "cuda"
         torch.manual_seed(t["seed"])
         data_opts = {k: v for k, v in self.cfg["data"].items() if k != "name"}
+        if "progress" in data_opts:  # a loader that builds a cache shows bars only when the run does
+            data_opts["progress"] = show_progress(data_opts["progress"] and t["progress"])
         self.splits = load_dataset(self.cfg["data"]["name"], **data_opts)
         self.model = build_model(self.cfg["model"], self.splits).to(self.device)
         self.method = build_method(**self.cfg["method"])
@@ -205,11 +217,12 @@ class Trainer:
         name, method, epochs = self.plan[index]
         self.stage_index, self.active = index, method
         self.optimizer = build_optimizer(self.cfg["optim"], self.model, method)
-        self.scheduler = build_scheduler(self.cfg["optim"], self.optimizer, epochs)
         method.on_stage_start(name, resumed=resumed)
         method.attach_data(MethodData(train=self.splits.train, val=self.splits.val, holdout=self.holdout,
                                       device=self.device))
         method.setup(self.model, self.optimizer, seed=self.cfg["train"]["seed"])
+        # after setup: a method may add its own parameter group, and the scheduler must know every group
+        self.scheduler = build_scheduler(self.cfg["optim"], self.optimizer, epochs)
 
     # --- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -243,9 +256,10 @@ class Trainer:
     @classmethod
     def resume(cls, run_dir: str | Path, echo: Callable[[str], None] = print) -> "Trainer":
         """Rebuild a run from ``run_dir/checkpoint.pt`` and continue after its last finished epoch."""
-        state = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+        state = load_run_state(Path(run_dir) / "checkpoint.pt")
         trainer = cls(state["config"], out_dir=run_dir, echo=echo)
         trainer.load_state_dict(state)
+        trainer.resumed = True
         return trainer
 
     # --- the loop -----------------------------------------------------------------------
@@ -269,9 +283,10 @@ class Trainer:
             self.splits.train.set_epoch(epoch)  # per-epoch random crops and frame choices
         bar = tqdm(batches(self.splits.train, t["batch_size"], self._shuffle_generator(epoch),
                            num_workers=t["num_workers"]), total=n_batches,
-                   desc=f"{label}epoch {epoch + 1}/{self.total_epochs}", leave=False, disable=not t["progress"],
+                   desc=f"{label}epoch {epoch + 1}/{self.total_epochs}", leave=False, disable=not show_progress(t["progress"]),
                    dynamic_ncols=True)
         accumulate = t["accumulate"]
+        skipped = 0
         for i, (inputs, y) in enumerate(bar):
             inputs, y = to_device(inputs, self.device), y.to(self.device)
             with autocast_for(self.device, self.bf16):
@@ -285,16 +300,57 @@ class Trainer:
             if (i + 1) % accumulate and i + 1 < n_batches:
                 continue  # accumulate gradients over micro-batches; one optimizer step per group
             method.before_step(self.model)
+            if not self._finite(loss):
+                if t["on_nan"] == "stop":
+                    raise NonFiniteError(self._nonfinite_message(epoch, i, method))
+                skipped += 1  # on_nan=skip: drop this step's gradients, keep going
+                method.after_step(self.model)
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
             if clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), clip)
             self.optimizer.step()
             method.after_step(self.model)
             self.optimizer.zero_grad(set_to_none=True)
         bar.close()
-        return {k: float(v) / max(1, steps) for k, v in sums.items()}
+        stats = {k: float(v) / max(1, steps) for k, v in sums.items()}
+        if skipped:
+            stats["skipped_nonfinite_steps"] = skipped
+        return stats
+
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """Whether the step's loss and every gradient are finite (one host sync per step)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        total = loss.detach().float().sum()
+        if grads:
+            total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
+        return bool(torch.isfinite(total))
+
+    def _nonfinite_message(self, epoch: int, step: int, method: Method) -> str:
+        figures = {k: v for k, v in method.log().items() if isinstance(v, (int, float))}
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in list(figures.items())[:8]) or "none logged"
+        kept = (f"the last good checkpoint (after epoch {self.epoch}) is kept in {self.out_dir}"
+                if self.epoch else "no epoch finished, so there is no checkpoint")
+        return (f"non-finite loss or gradient in epoch {epoch + 1}, batch {step + 1}, method {method.name!r} "
+                f"(its figures this epoch: {shown}); {kept}. Lower optim.lr, set optim.clip_grad_norm, "
+                "or set train.on_nan=skip to drop such steps")
+
+    def check_out_dir(self) -> None:
+        """A fresh run never writes into a folder that holds another run, unless ``overwrite``."""
+        if self.resumed or self.epoch > 0:
+            return
+        held = [f for f in self.RUN_FILES if (self.out_dir / f).exists()]
+        if not held:
+            return
+        if not self.overwrite:
+            raise RunFolderError(f"{self.out_dir} already holds a run ({', '.join(held)}); continue it with "
+                                 f"`equimodal train --resume {self.out_dir}`, choose another --out, or pass --overwrite")
+        for f in held:
+            (self.out_dir / f).unlink()
 
     def fit(self) -> dict[str, Any]:
         t = self.cfg["train"]
+        self.check_out_dir()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
         self._rewrite_metrics()
@@ -307,10 +363,11 @@ class Trainer:
             name, method, stage_epochs = self.plan[index]
             start = time.perf_counter()
             train_stats = self.train_epoch(epoch, stage_epoch)
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
             self.scheduler.step()
             val = evaluate(self.model, method, self.splits.val, self.device, bf16=self.bf16)
             record = {"epoch": epoch, "stage": name, "stage_epoch": stage_epoch,
-                      "lr": self.optimizer.param_groups[0]["lr"],
+                      "lr": lr,
                       **{f"train_{k}": v for k, v in train_stats.items()},
                       "val_acc": val["acc"], "val_macro_f1": val["macro_f1"], "val_loss": val["loss"],
                       "val_acc_by_modality": val["acc_by_modality"], **method.log()}
@@ -363,6 +420,7 @@ class Trainer:
             "test_acc": test["acc"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"],
             "test_acc_by_modality": test["acc_by_modality"], "probe_acc_by_modality": probes,
             "stages": self.stage_reports,
+            "holdout": len(self.holdout) if self.holdout is not None else 0,
             "seconds": self.elapsed + time.perf_counter() - start,
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
