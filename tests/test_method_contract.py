@@ -6,7 +6,8 @@ import torch
 
 from conftest import fake_batch, make_model
 from equimodal.config import load_config
-from equimodal.methods import Method, available_methods, build_method, method_class
+from equimodal.data import TensorMultimodalDataset
+from equimodal.methods import Method, MethodData, available_methods, build_method, method_class
 from equimodal.train import Trainer
 
 METHODS = sorted(available_methods())
@@ -23,17 +24,27 @@ def test_builds_with_defaults_and_documents_itself(name):
     assert isinstance(build_method(name), cls)
 
 
+def tiny_data(modalities=("audio", "visual", "text"), n=24) -> MethodData:
+    """Train / holdout / val parts for methods that read data (prototypes, held-out estimates)."""
+    x, y = fake_batch(modalities, n=n, seed=99)
+    y = torch.arange(n) % 5  # every class present
+    full = TensorMultimodalDataset(x, y, 5)
+    return MethodData(train=full.subset(torch.arange(16)), holdout=full.subset(torch.arange(16, 20)),
+                      val=full.subset(torch.arange(20, 24)))
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_plain_loop_two_steps(name):
     model = make_model(("audio", "visual", "text"))
     opt = torch.optim.SGD(model.param_groups(), lr=0.05)
     method = build_method(name)
+    method.attach_data(tiny_data())
     method.setup(model, opt, seed=0)
     before = [p.detach().clone() for p in model.parameters()]
     for step in range(2):
         method.on_epoch_start(0)
         x, y = fake_batch(("audio", "visual", "text"), seed=step)
-        terms = method.loss(model(x), y)
+        terms = method.loss(method.forward(model, x), y)
         assert terms and all(t.dim() == 0 and torch.isfinite(t) for t in terms.values())
         sum(terms.values()).backward()
         method.before_step(model)
@@ -135,8 +146,8 @@ def test_kill_and_resume_gives_identical_results(tmp_path, tiny_overrides, name)
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_trains_with_three_modalities(tmp_path, tiny_overrides, name):
-    cfg = load_config(overrides=tiny_overrides + [f"method.name={name}", "data.name=synthetic3", "train.epochs=1",
-                                                  "data.n_train=200", "train.probe=false"])
+    cfg = load_config(overrides=["data.name=synthetic3", *tiny_overrides, f"method.name={name}", "train.epochs=1",
+                                 "data.n_train=200", "train.probe=false"])
     summary = Trainer(cfg, out_dir=tmp_path, echo=lambda s: None).fit()
     assert summary["modalities"] == ["visual", "audio", "tactile"]
     assert set(summary["test_acc_by_modality"]) == {"visual", "audio", "tactile"}
@@ -158,3 +169,28 @@ def test_own_head_gradients_are_averaged_across_ranks(monkeypatch):
         method.before_step(model)
         after = [p.grad for p in method.parameters() if p.grad is not None]
         assert all(torch.allclose(a, 1.5 * b) for a, b in zip(after, before)), name
+
+
+SCHEDULE_OPTIMIZER = [("step", "sgd"), ("cosine", "adam"), ("none", "adamw")]
+
+
+@pytest.mark.parametrize("schedule, optimizer", SCHEDULE_OPTIMIZER)
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_every_schedule_and_optimizer_with_a_last_batch_of_one(tmp_path, tiny_overrides, name,
+                                                                            schedule, optimizer):
+    """No valid combination crashes: each schedule, each optimizer, a last batch of one sample, three
+    modalities where the method allows them (the default data otherwise)."""
+    three = method_class(name).min_modalities <= 3
+    cfg = load_config(overrides=[*(["data.name=synthetic3"] if three else []), *tiny_overrides,
+                                 f"method.name={name}", f"optim.schedule={schedule}", f"optim.name={optimizer}",
+                                 "optim.lr=0.01", "train.epochs=1", "train.batch_size=16", "data.n_train=92",
+                                 "data.n_test=40", "train.probe=false"])
+    trainer = Trainer(cfg, out_dir=tmp_path, echo=lambda s: None)
+    n = len(trainer.splits.train)  # a method may withhold part of train (gblend): pick the batch size from n
+    if n % 16 != 1:
+        cfg["train"]["batch_size"] = next(b for b in range(10, n) if n % b == 1)
+        trainer = Trainer(cfg, out_dir=tmp_path, echo=lambda s: None)
+    assert len(trainer.splits.train) % cfg["train"]["batch_size"] == 1
+    summary = trainer.fit()
+    assert 0.0 <= summary["test_acc"] <= 1.0
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())

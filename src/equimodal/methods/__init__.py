@@ -6,6 +6,7 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 from ._base import Method, MethodData, Stage, unwrap
+from ._loop import run_stages
 from ._registry import available_methods, build_method, method_class, method_options, register_method
 
 for _info in _pkgutil.iter_modules(__path__):
@@ -13,4 +14,4 @@ for _info in _pkgutil.iter_modules(__path__):
         _importlib.import_module(f"{__name__}.{_info.name}")
 
 __all__ = ["Method", "MethodData", "Stage", "unwrap", "available_methods", "build_method", "method_class",
-           "method_options", "register_method"]
+           "method_options", "register_method", "run_stages"]

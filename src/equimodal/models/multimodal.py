@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DataError
 from .fusion import FUSIONS, Fusion
 
 ESTIMATORS = ("auto", "exact", "probe", "mask")
@@ -119,6 +120,9 @@ class MultimodalModel(nn.Module):
         missing = [m for m in self.modalities if m not in inputs]
         if missing:
             raise KeyError(f"inputs lack modalities {missing}; got keys {sorted(inputs)}")
+        sizes = {m: int(inputs[m].shape[0]) for m in self.modalities}
+        if len(set(sizes.values())) > 1:
+            raise DataError(f"the modalities' inputs disagree on the batch size: {sizes}")
         return {m: self.encoders[m](inputs[m]) for m in self.modalities}
 
     def fuse(self, features: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -289,9 +289,9 @@ class Trainer:
         skipped = 0
         for i, (inputs, y) in enumerate(bar):
             inputs, y = to_device(inputs, self.device), y.to(self.device)
-            with autocast_for(self.device, self.bf16):
+            with autocast_for(self.device, self.bf16):  # the method's own heads run under autocast too
                 out = method.forward(self.model, inputs)
-            terms = method.loss(out, y)
+                terms = method.loss(out, y)
             loss = sum(terms.values())
             (loss / accumulate).backward()
             for k, v in {"loss": loss, **terms}.items():
