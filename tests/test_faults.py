@@ -279,3 +279,40 @@ def test_the_documented_loop_runs_ssl_through_its_supervised_stage():
     inputs, labels = data.test[torch.arange(len(data.test))]
     acc = float((runner.predict(model(inputs)).argmax(1) == labels).float().mean())
     assert acc > 0.4, acc  # chance is 0.1; a loop that kept training InfoNCE stays near chance
+
+
+BENCH = ["bench", "--methods", "joint", "--seeds", "0,1", "--no-progress", *SETS, "--set", "train.epochs=1",
+         "--set", "train.probe=false"]
+
+
+def test_bench_refuses_to_reuse_runs_of_another_config(tmp_path, capsys):
+    out = str(tmp_path / "bench")
+    rc, first, _ = run_cli(capsys, *BENCH, "--out", out)
+    assert rc == 0
+    rc, again, _ = run_cli(capsys, *BENCH, "--out", out)
+    assert rc == 0 and "done before, reused" in again
+    rc, _, err = run_cli(capsys, *BENCH, "--out", out, "--set", "optim.lr=0.05")
+    line = one_error_line(err)
+    assert rc == 2 and "optim.lr: 0.1 -> 0.05" in line and "new --out" in line
+    rc, _, _ = run_cli(capsys, *BENCH, "--out", out, "--no-progress")  # display-only keys do not count
+    assert rc == 0
+
+
+def test_bench_records_a_failing_run_and_goes_on(tmp_path, capsys, monkeypatch):
+    original = Trainer.fit
+
+    def fail_for_seed_1(self):
+        if self.cfg["train"]["seed"] == 1:
+            raise RuntimeError("simulated failure")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "fit", fail_for_seed_1)
+    out = tmp_path / "bench"
+    rc, stdout, err = run_cli(capsys, *BENCH, "--methods", "joint,ogm-ge", "--out", str(out))
+    assert rc == 1 and "2 run(s) failed" in err and "simulated failure" in err
+    failures = json.loads((out / "failures.json").read_text())
+    assert {(f["label"], f["seed"]) for f in failures} == {("joint", 1), ("ogm-ge", 1)}
+    assert (out / "results.md").is_file() and "| ogm-ge | 1 |" in (out / "results.md").read_text()
+    monkeypatch.setattr(Trainer, "fit", original)  # the failed cells run on the next call; the others are reused
+    rc, stdout, _ = run_cli(capsys, *BENCH, "--methods", "joint,ogm-ge", "--out", str(out))
+    assert rc == 0 and stdout.count("done before, reused") == 2 and not (out / "failures.json").exists()

@@ -37,6 +37,36 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete temporary files of ``path`` left by writers that no longer run (killed mid-write);
+    a live writer's file (its process id still exists) is left alone. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            pid = int(tmp.name[len(path.name) + 2:].split(".", 1)[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and _alive(pid):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -27,7 +27,7 @@ from ..data import DataSplits, TensorMultimodalDataset, load_dataset
 from ..data.base import iterate_batches, stratified_split
 from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
-from .checkpoint import load_run_state, save_checkpoint
+from .checkpoint import load_run_state, remove_stale_temporaries, save_checkpoint
 from .metrics import accuracy, linear_probe_accuracy, macro_f1
 
 
@@ -154,7 +154,7 @@ class Trainer:
     """
 
     #: files whose presence means a folder holds a run
-    RUN_FILES = ("checkpoint.pt", "summary.json", "metrics.jsonl")
+    RUN_FILES = ("checkpoint.pt", "summary.json")
 
     def __init__(self, cfg: dict, out_dir: str | Path | None = None, echo: Callable[[str], None] = print,
                  overwrite: bool = False) -> None:
@@ -352,6 +352,7 @@ class Trainer:
         t = self.cfg["train"]
         self.check_out_dir()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out_dir / "checkpoint.pt")  # left by a writer killed mid-write
         (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
         self._rewrite_metrics()
         last_stage = len(self.plan) - 1
