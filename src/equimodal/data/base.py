@@ -9,6 +9,15 @@ from torch.utils.data import Dataset
 from ..errors import DataError
 
 
+def describe(exc: BaseException, limit: int = 200) -> str:
+    """An exception from a decoder (wave, PIL, numpy, zlib, torch) as one short line, for the
+    "<path>: <what is wrong>" messages of ``DataError``."""
+    text = " ".join(str(exc).split())
+    if not text:
+        text = "unexpected end of file" if isinstance(exc, EOFError) else type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 class TensorMultimodalDataset(Dataset):
     """Named input tensors (same first dimension) and integer labels, all in memory.
 
