@@ -3,6 +3,7 @@ nothing is overwritten or lost silently (issue: faults and bad input)."""
 import json
 import os
 import pickle
+import random
 import warnings
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def test_bad_checkpoints_are_named(tmp_path, capsys, finished_run, kind):
     if kind == "truncated":
         path.write_bytes(data[: len(data) // 2])
     elif kind == "random":
-        path.write_bytes(os.urandom(4096))
+        path.write_bytes(random.Random(0).randbytes(4096))
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "not-a-dict":
@@ -316,3 +317,29 @@ def test_bench_records_a_failing_run_and_goes_on(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(Trainer, "fit", original)  # the failed cells run on the next call; the others are reused
     rc, stdout, _ = run_cli(capsys, *BENCH, "--methods", "joint,ogm-ge", "--out", str(out))
     assert rc == 0 and stdout.count("done before, reused") == 2 and not (out / "failures.json").exists()
+
+
+def test_checkpoint_fuzz_always_a_named_error(tmp_path, finished_run):
+    """Random bytes, truncations and byte flips of a real checkpoint: a CheckpointError every time
+    (or, for a flip that leaves a valid file, a clean load), never another exception."""
+    from equimodal.errors import CheckpointError
+    from equimodal.train.checkpoint import load_run_state
+    good = (finished_run / "checkpoint.pt").read_bytes()
+    rng = random.Random(7)
+    for case in range(30):
+        kind = case % 3
+        if kind == 0:
+            data = rng.randbytes(rng.randint(1, 5000))
+        elif kind == 1:
+            data = good[: rng.randint(1, len(good) - 1)]
+        else:
+            data = bytearray(good)
+            for _ in range(8):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            data = bytes(data)
+        path = tmp_path / f"c{case}.pt"
+        path.write_bytes(data)
+        try:
+            load_run_state(path)
+        except CheckpointError as exc:
+            assert str(path) in str(exc)

@@ -15,14 +15,17 @@ first stage's objective::
         for epoch in range(stage.epochs or epochs):   # counted from 0 within the stage
             model.train()
             runner.on_epoch_start(epoch)
-            for inputs, targets in loader:
-                out = runner.forward(model, inputs)       # default: model(inputs)
-                terms = runner.loss(out, targets)         # named loss terms
-                sum(terms.values()).backward()
-                runner.before_step(model)                 # gradient modulation happens here
-                optimizer.step()
-                runner.after_step(model)                  # undo per-step optimizer changes
-                optimizer.zero_grad()
+            train_set = runner.training_set(epoch, data.train)   # default: data.train unchanged
+            for inputs, targets in loader(train_set):
+                for sub in range(runner.substeps()):           # default: 1 optimizer step per batch
+                    runner.on_substep(sub)                     # (alternating methods: one per modality)
+                    out = runner.forward(model, inputs)       # default: model(inputs)
+                    terms = runner.loss(out, targets)         # named loss terms
+                    sum(terms.values()).backward()
+                    runner.before_step(model)                 # gradient modulation happens here
+                    optimizer.step()
+                    runner.after_step(model)                  # undo per-step optimizer changes
+                    optimizer.zero_grad()
             runner.on_epoch_end(epoch, metrics)  # metrics: at least {"val_acc_by_modality": ...}
     predictions = runner.predict(model(inputs)).argmax(1)   # the last stage's runner
 
@@ -147,6 +150,22 @@ class Method:
             raise RuntimeError(f"method {self.name!r} reads training data outside the steps: call "
                                "method.attach_data(MethodData(train=..., val=..., device=...)) before setup()")
         return self.data
+
+    def training_set(self, epoch: int, dataset: Any) -> Any:
+        """The dataset to train on this epoch (after ``on_epoch_start``). Default: ``dataset``.
+
+        A method that resamples (adds copies of samples, drops a modality in copies) returns a new
+        map-style dataset built from it; the loop shuffles and batches it as usual."""
+        return dataset
+
+    def substeps(self) -> int:
+        """Optimizer steps per batch (default 1). An alternating method (one step per modality on
+        the same batch) returns more; the loop then calls ``on_substep(i)`` before each step's
+        forward, and gradient accumulation must be off."""
+        return 1
+
+    def on_substep(self, index: int) -> None:
+        """Before the forward of sub-step ``index`` of a batch (only when ``substeps() > 1``)."""
 
     def forward(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> ModelOutput:
         """The training forward pass of one micro-batch. Default: ``model(inputs)``.

@@ -32,11 +32,15 @@ def _val_by_modality(method: Method, model: nn.Module, val_batches: Iterable) ->
 
 
 def run_stages(method: Method, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
-               train_batches: Callable[[int], Iterable], epochs: int, data: MethodData | None = None,
+               train_batches: Callable[..., Iterable], epochs: int, data: MethodData | None = None,
                val_batches: Callable[[], Iterable] | None = None, seed: int = 0) -> Method:
     """Train ``model`` with every stage of ``method``; returns the last stage's runner (use its
-    ``predict``). ``train_batches(epoch)`` yields (inputs, labels) for one epoch; ``val_batches()``
-    (optional) feeds ``on_epoch_end`` the validation figures that some methods decide on."""
+    ``predict``). ``train_batches(epoch, dataset)`` yields (inputs, labels) for one epoch of
+    ``dataset`` (``data.train``, or what the method's ``training_set`` made of it; a callable of
+    ``epoch`` alone is accepted when no method resamples); ``val_batches()`` (optional) feeds
+    ``on_epoch_end`` the validation figures that some methods decide on."""
+    import inspect
+    takes_dataset = len(inspect.signature(train_batches).parameters) >= 2
     runner = method
     for stage in method.stages():
         runner = stage.method or method
@@ -48,14 +52,20 @@ def run_stages(method: Method, model: nn.Module, make_optimizer: Callable[[nn.Mo
         for epoch in range(stage.epochs or epochs):
             model.train()
             runner.on_epoch_start(epoch)
-            for inputs, targets in train_batches(epoch):
-                out = runner.forward(model, inputs)
-                terms = runner.loss(out, targets)
-                sum(terms.values()).backward()
-                runner.before_step(model)
-                optimizer.step()
-                runner.after_step(model)
-                optimizer.zero_grad()
+            train_set = runner.training_set(epoch, data.train) if data is not None else None
+            if train_set is not None and data is not None and train_set is not data.train and not takes_dataset:
+                raise TypeError(f"{runner.name} resamples the training set: pass train_batches(epoch, dataset)")
+            for inputs, targets in (train_batches(epoch, train_set) if takes_dataset else train_batches(epoch)):
+                for sub in range(runner.substeps()):
+                    if runner.substeps() > 1:
+                        runner.on_substep(sub)
+                    out = runner.forward(model, inputs)
+                    terms = runner.loss(out, targets)
+                    sum(terms.values()).backward()
+                    runner.before_step(model)
+                    optimizer.step()
+                    runner.after_step(model)
+                    optimizer.zero_grad()
             metrics = _val_by_modality(runner, model, val_batches()) if val_batches is not None else {}
             runner.on_epoch_end(epoch, metrics)
     return runner

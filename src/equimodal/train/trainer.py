@@ -221,6 +221,9 @@ class Trainer:
         method.attach_data(MethodData(train=self.splits.train, val=self.splits.val, holdout=self.holdout,
                                       device=self.device))
         method.setup(self.model, self.optimizer, seed=self.cfg["train"]["seed"])
+        if method.substeps() > 1 and self.cfg["train"]["accumulate"] != 1:
+            raise ConfigError(f"method {method.name!r} takes {method.substeps()} optimizer steps per batch "
+                              f"(stage {name!r}); train.accumulate must be 1, got {self.cfg['train']['accumulate']}")
         # after setup: a method may add its own parameter group, and the scheduler must know every group
         self.scheduler = build_scheduler(self.cfg["optim"], self.optimizer, epochs)
 
@@ -276,42 +279,47 @@ class Trainer:
         method.on_epoch_start(stage_epoch)
         sums: dict[str, torch.Tensor] = {}
         steps = 0
-        n_batches = -(-len(self.splits.train) // t["batch_size"])
+        train_set = method.training_set(stage_epoch, self.splits.train)  # a method may resample (valuation)
+        n_batches = -(-len(train_set) // t["batch_size"])
         name = self.plan[self.stage_index][0]
         label = f"{name} " if len(self.plan) > 1 else ""
-        if hasattr(self.splits.train, "set_epoch"):
-            self.splits.train.set_epoch(epoch)  # per-epoch random crops and frame choices
-        bar = tqdm(batches(self.splits.train, t["batch_size"], self._shuffle_generator(epoch),
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)  # per-epoch random crops and frame choices
+        bar = tqdm(batches(train_set, t["batch_size"], self._shuffle_generator(epoch),
                            num_workers=t["num_workers"]), total=n_batches,
                    desc=f"{label}epoch {epoch + 1}/{self.total_epochs}", leave=False, disable=not show_progress(t["progress"]),
                    dynamic_ncols=True)
         accumulate = t["accumulate"]
+        substeps = method.substeps()
         skipped = 0
         for i, (inputs, y) in enumerate(bar):
             inputs, y = to_device(inputs, self.device), y.to(self.device)
-            with autocast_for(self.device, self.bf16):  # the method's own heads run under autocast too
-                out = method.forward(self.model, inputs)
-                terms = method.loss(out, y)
-            loss = sum(terms.values())
-            (loss / accumulate).backward()
-            for k, v in {"loss": loss, **terms}.items():
-                sums[k] = sums.get(k, 0) + v.detach()
-            steps += 1
-            if (i + 1) % accumulate and i + 1 < n_batches:
-                continue  # accumulate gradients over micro-batches; one optimizer step per group
-            method.before_step(self.model)
-            if not self._finite(loss):
-                if t["on_nan"] == "stop":
-                    raise NonFiniteError(self._nonfinite_message(epoch, i, method))
-                skipped += 1  # on_nan=skip: drop this step's gradients, keep going
+            for sub in range(substeps):  # most methods: one step per batch; alternating methods: several
+                if substeps > 1:
+                    method.on_substep(sub)
+                with autocast_for(self.device, self.bf16):  # the method's own heads run under autocast too
+                    out = method.forward(self.model, inputs)
+                    terms = method.loss(out, y)
+                loss = sum(terms.values())
+                (loss / accumulate).backward()
+                for k, v in {"loss": loss, **terms}.items():
+                    sums[k] = sums.get(k, 0) + v.detach()
+                steps += 1
+                if substeps == 1 and (i + 1) % accumulate and i + 1 < n_batches:
+                    continue  # accumulate gradients over micro-batches; one optimizer step per group
+                method.before_step(self.model)
+                if not self._finite(loss):
+                    if t["on_nan"] == "stop":
+                        raise NonFiniteError(self._nonfinite_message(epoch, i, method))
+                    skipped += 1  # on_nan=skip: drop this step's gradients, keep going
+                    method.after_step(self.model)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    continue
+                if clip:
+                    nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                self.optimizer.step()
                 method.after_step(self.model)
                 self.optimizer.zero_grad(set_to_none=True)
-                continue
-            if clip:
-                nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            self.optimizer.step()
-            method.after_step(self.model)
-            self.optimizer.zero_grad(set_to_none=True)
         bar.close()
         stats = {k: float(v) / max(1, steps) for k, v in sums.items()}
         if skipped:
