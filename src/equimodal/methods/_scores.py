@@ -38,3 +38,13 @@ def ogm_coefficients(ratios: torch.Tensor, alpha: float, form: str = "paper") ->
     if form == "continuous":
         return 1 - torch.tanh(alpha * torch.relu(ratios - 1))
     raise ValueError(f"unknown coefficient form {form!r}; choose 'paper' or 'continuous'")
+
+
+def trace_means(trace: torch.Tensor | None, modalities: tuple[str, ...], prefixes: tuple[str, ...]) -> dict[str, float]:
+    """Per-epoch means of per-modality figures accumulated as rows [f1_1..f1_N, f2_1..f2_N, ..., count]
+    (one row per step); ``prefixes`` name the blocks: ("rho", "k") -> {"rho/audio": ..., "k/audio": ...}."""
+    if trace is None:
+        return {}
+    n = len(modalities)
+    t = (trace[:-1] / trace[-1]).tolist()
+    return {f"{prefix}/{m}": t[b * n + i] for b, prefix in enumerate(prefixes) for i, m in enumerate(modalities)}

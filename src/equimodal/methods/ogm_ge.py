@@ -11,7 +11,7 @@ from .._dist import all_reduce_sum
 from ..models.multimodal import ModelOutput
 from ._base import Method, unwrap
 from ._registry import register_method
-from ._scores import discrepancy_ratios, ogm_coefficients, true_class_scores
+from ._scores import discrepancy_ratios, ogm_coefficients, trace_means, true_class_scores
 
 _PARAMS = ("conv", "all")
 _LEVELS = ("gradient", "update")
@@ -203,13 +203,8 @@ class OGMGE(Method):
 
     # --- logging and state ---------------------------------------------------------------
     def log(self) -> dict[str, float]:
-        if self._trace is None:
-            return {}
-        n = len(self._modalities)
-        t = (self._trace[:-1] / self._trace[-1]).tolist()
+        out = trace_means(self._trace, self._modalities, ("rho", "k"))
         self._trace = None
-        out = {f"rho/{m}": t[i] for i, m in enumerate(self._modalities)}
-        out.update({f"k/{m}": t[n + i] for i, m in enumerate(self._modalities)})
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from .._dist import all_reduce_sum
 from ..models.multimodal import ModelOutput
 from ._base import Method, unwrap
 from ._registry import register_method
-from ._scores import discrepancy_ratios, true_class_scores
+from ._scores import discrepancy_ratios, trace_means, true_class_scores
 
 
 def prototype_logits(features: dict[str, torch.Tensor], prototypes: dict[str, torch.Tensor],
@@ -225,13 +225,8 @@ class PMR(Method):
 
     # --- logging and state ---------------------------------------------------------------
     def log(self) -> dict[str, float]:
-        if self._trace is None:
-            return {}
-        n = len(self._modalities)
-        t = (self._trace[:-1] / self._trace[-1]).tolist()
+        out = trace_means(self._trace, self._modalities, ("rho", "boosted"))
         self._trace = None
-        out = {f"rho/{m}": t[i] for i, m in enumerate(self._modalities)}
-        out.update({f"boosted/{m}": t[n + i] for i, m in enumerate(self._modalities)})
         return out
 
     def state_dict(self) -> dict[str, Any]:
