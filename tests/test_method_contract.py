@@ -140,7 +140,7 @@ def test_kill_and_resume_gives_identical_results(tmp_path, tiny_overrides, name)
     got = resumed.fit()
     strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
     assert strip(resumed.history) == strip(full.history)
-    for key in ("test_acc", "test_macro_f1", "test_acc_by_modality", "probe_acc_by_modality", "stages"):
+    for key in ("test_acc", "test_macro_f1", "test_acc_by_modality", "probe_acc_by_modality", "stages", "cost"):
         assert got[key] == expected[key], key
 
 

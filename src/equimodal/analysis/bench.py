@@ -137,13 +137,24 @@ def run_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path
     return results
 
 
+def encoder_passes(summary: dict[str, Any]) -> float | None:
+    """Counted training cost of a run: encoder passes (forward with or without autograd = 1,
+    backward = 2, the usual FLOP ratio) summed over the run; None for runs recorded before counting."""
+    cost = summary.get("cost")
+    if not cost or "forward_per_step" not in cost:
+        return None
+    per_step = cost["forward_per_step"] + cost["forward_no_grad_per_step"] + 2 * cost["backward_per_step"]
+    return per_step * cost["optimizer_steps"]
+
+
 def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "joint") -> str:
     """Write results.csv and results.md; return the markdown table."""
     out = Path(out)
     modalities = sorted({m for r in results for m in r["test_acc_by_modality"]},
                         key=lambda m: [m for r in results for m in r["modalities"]].index(m))
     fields = ["label", "method", "seed", "test_acc", "test_macro_f1", "epochs", "seconds", "seconds_per_epoch",
-              *(f"acc_{m}" for m in modalities), *(f"probe_{m}" for m in modalities), "selection", "estimator"]
+              *(f"acc_{m}" for m in modalities), *(f"probe_{m}" for m in modalities), "selection", "estimator",
+              "optimizer_steps", "forward_per_step", "forward_no_grad_per_step", "backward_per_step"]
     with open(out / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -153,12 +164,15 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
                              "seconds_per_epoch": r["seconds"] / max(1, r["epochs"]), "selection": r["selection"],
                              "estimator": r["estimator"],
                              **{f"acc_{m}": r["test_acc_by_modality"].get(m, "") for m in modalities},
-                             **{f"probe_{m}": r["probe_acc_by_modality"].get(m, "") for m in modalities}})
+                             **{f"probe_{m}": r["probe_acc_by_modality"].get(m, "") for m in modalities},
+                             **{k: (r.get("cost") or {}).get(k, "") for k in
+                                ("optimizer_steps", "forward_per_step", "forward_no_grad_per_step", "backward_per_step")}})
     labels = list(dict.fromkeys(r["label"] for r in results))
     by_label = {lab: [r for r in results if r["label"] == lab] for lab in labels}
     base = {r["seed"]: r["test_acc"] for r in by_label.get(baseline, [])}
     header = (["method", "seeds", "fused acc (%)", "macro-F1 (%)"] + [f"acc {m} (%)" for m in modalities]
-              + [f"probe {m} (%)" for m in modalities] + ["s / epoch", f"Δ acc vs {baseline} (95% CI, paired)"])
+              + [f"probe {m} (%)" for m in modalities] + ["epochs", f"cost × {baseline}", "s / epoch",
+                                                         f"Δ acc vs {baseline} (95% CI, paired)"])
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for lab, rs in by_label.items():
         cells = [lab, str(len(rs)), fmt_pct(*mean_std([r["test_acc"] for r in rs])),
@@ -167,6 +181,12 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
             for m in modalities:
                 vals = [r[key][m] for r in rs if m in r[key]]
                 cells.append(fmt_pct(*mean_std(vals)) if vals else "-")
+        cells.append(str(rs[0]["epochs"]))
+        passes = [encoder_passes(r) for r in rs]
+        base_passes = [encoder_passes(r) for r in by_label.get(baseline, [])]
+        known, base_known = [x for x in passes if x], [x for x in base_passes if x]
+        cells.append(f"{(sum(known) / len(known)) / (sum(base_known) / len(base_known)):.2f}"
+                     if known and base_known else "-")
         cells.append(f"{mean_std([r['seconds'] / max(1, r['epochs']) for r in rs])[0]:.1f}")
         if lab == baseline or not base:
             cells.append("-")
@@ -178,6 +198,8 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     table = "\n".join(lines)
     note = ("Mean ± standard deviation over seeds; test split evaluated once per run, on the epoch named in "
             "results.csv `selection` (never chosen on test). Probe = linear probe of the frozen encoder. "
-            "Per-modality accuracy uses each run's estimator (results.csv `estimator`).")
+            "Per-modality accuracy uses each run's estimator (results.csv `estimator`). Epochs: all stages. "
+            f"Cost × {baseline}: counted encoder passes of the whole run (forward 1, backward 2, the method's "
+            f"own no-grad passes included) relative to {baseline}; '-' where a run predates the counting.")
     (out / "results.md").write_text(f"{table}\n\n{note}\n")
     return table

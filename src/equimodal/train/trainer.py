@@ -27,6 +27,7 @@ from ..data import DataSplits, TensorMultimodalDataset, load_dataset
 from ..data.base import iterate_batches, stratified_split
 from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
+from .cost import CostMeter
 from .checkpoint import load_run_state, remove_stale_temporaries, save_checkpoint
 from .metrics import accuracy, linear_probe_accuracy, macro_f1
 
@@ -190,6 +191,8 @@ class Trainer:
         self.stage_reports: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"epoch": -1, "val_acc": -1.0, "model": None}
         self.elapsed = 0.0
+        self.meter = CostMeter(self.model)  # passes through the encoders while training (counted)
+        self.optimizer_steps = 0
         self.stage_index = -1
         self._enter_stage(0, resumed=False)
 
@@ -237,7 +240,7 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "history": self.history, "stage_reports": self.stage_reports, "best": self.best,
-                "elapsed": self.elapsed}
+                "elapsed": self.elapsed, "cost": self.meter.state_dict(), "optimizer_steps": self.optimizer_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
@@ -255,6 +258,8 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.epoch, self.history, self.best = state["epoch"], state["history"], state["best"]
         self.elapsed = float(state["elapsed"])
+        self.meter.load_state_dict(state.get("cost", {}))
+        self.optimizer_steps = int(state.get("optimizer_steps", 0))
 
     @classmethod
     def resume(cls, run_dir: str | Path, echo: Callable[[str], None] = print) -> "Trainer":
@@ -318,6 +323,7 @@ class Trainer:
                 if clip:
                     nn.utils.clip_grad_norm_(self.model.parameters(), clip)
                 self.optimizer.step()
+                self.optimizer_steps += 1
                 method.after_step(self.model)
                 self.optimizer.zero_grad(set_to_none=True)
         bar.close()
@@ -371,7 +377,11 @@ class Trainer:
                 self._enter_stage(index, resumed=False)
             name, method, stage_epochs = self.plan[index]
             start = time.perf_counter()
-            train_stats = self.train_epoch(epoch, stage_epoch)
+            self.meter.active = True  # count training passes only (the method's own no-grad passes included)
+            try:
+                train_stats = self.train_epoch(epoch, stage_epoch)
+            finally:
+                self.meter.active = False
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
             self.scheduler.step()
             val = evaluate(self.model, method, self.splits.val, self.device, bf16=self.bf16)
@@ -380,7 +390,11 @@ class Trainer:
                       **{f"train_{k}": v for k, v in train_stats.items()},
                       "val_acc": val["acc"], "val_macro_f1": val["macro_f1"], "val_loss": val["loss"],
                       "val_acc_by_modality": val["acc_by_modality"], **method.log()}
-            method.on_epoch_end(stage_epoch, record)
+            self.meter.active = True  # a method's own end-of-epoch passes (estimates, re-learning) count too
+            try:
+                method.on_epoch_end(stage_epoch, record)
+            finally:
+                self.meter.active = False
             if index == last_stage and val["acc"] > self.best["val_acc"]:
                 self.best = {"epoch": epoch, "val_acc": val["acc"],
                              "model": copy.deepcopy(self.model.state_dict()) if t["select"] == "best_val" else None}
@@ -430,6 +444,9 @@ class Trainer:
             "test_acc_by_modality": test["acc_by_modality"], "probe_acc_by_modality": probes,
             "stages": self.stage_reports,
             "holdout": len(self.holdout) if self.holdout is not None else 0,
+            "cost": {"epochs": self.total_epochs,
+                     "stage_epochs": {name: epochs for name, _, epochs in self.plan},
+                     **self.meter.summary(self.optimizer_steps)},
             "seconds": self.elapsed + time.perf_counter() - start,
         }
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
