@@ -113,7 +113,7 @@ def test_kill_and_resume_gives_identical_results(tmp_path, tiny_overrides, name)
     full = Trainer(cfg, out_dir=tmp_path / "full", echo=lambda s: None)
     expected = full.fit()
     cut = Trainer(cfg, out_dir=tmp_path / "cut", echo=lambda s: None)
-    steps_per_epoch = -(-len(cut.splits.train) // cfg["train"]["batch_size"])
+    steps_per_epoch = -(-len(cut.splits.train) // cfg["train"]["batch_size"]) * cut.active.substeps()
     crash_at = steps_per_epoch * (full.total_epochs // 2) + 2
     count = {"n": 0}
 

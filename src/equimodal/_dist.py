@@ -1,6 +1,8 @@
 """Tiny distributed helpers, importable from anywhere (no dependency on the rest of the package)."""
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -42,3 +44,33 @@ def average_gradients(params) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def launched_by_torchrun() -> bool:
+    """True when this process was started by ``torchrun`` (or another launcher setting the same
+    environment) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init_from_env(device_name: str = "auto") -> torch.device:
+    """Join the process group that ``torchrun`` describes in the environment (NCCL on CUDA, gloo on
+    the CPU) and return this rank's device. Without a launcher: no group, the requested device."""
+    wants_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if launched_by_torchrun() and not is_distributed():
+        backend = "nccl" if wants_cuda and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    if wants_cuda and torch.cuda.is_available() and is_distributed():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu")
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or no process group): the one process that writes files and prints."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -66,9 +66,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, overwrite=args.overwrite)
     trainer.check_out_dir()  # before the banner: refuse a folder that holds another run
     m = cfg["method"]
-    print(f"equimodal {__version__}: {m['name']} on {cfg['data']['name']} ({', '.join(trainer.splits.modalities)}), "
-          f"fusion {cfg['model']['fusion']} / estimator {trainer.model.estimator}, device {trainer.device}, "
-          f"output {trainer.out_dir}")
+    if trainer.rank == 0:
+        print(f"equimodal {__version__}: {m['name']} on {cfg['data']['name']} ({', '.join(trainer.splits.modalities)}), "
+              f"fusion {cfg['model']['fusion']} / estimator {trainer.model.estimator}, device {trainer.device}"
+              + (f" x {trainer.world} processes" if trainer.world > 1 else "") + f", output {trainer.out_dir}")
     return _fit(trainer)
 
 
@@ -77,6 +78,8 @@ def _fit(trainer) -> int:
     try:
         trainer.fit()
     except KeyboardInterrupt:
+        if trainer.rank != 0:
+            return 130
         if trainer.epoch and (trainer.out_dir / "checkpoint.pt").is_file():
             print(f"\ninterrupted after epoch {trainer.epoch} of {trainer.total_epochs}; continue with "
                   f"`equimodal train --resume {trainer.out_dir}`", file=sys.stderr)
@@ -183,6 +186,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    from ._dist import is_main_process
+    if not is_main_process():  # torchrun: every rank trained; rank 0 reports
+        return 1 if results.failures else 0
     if results:
         print(summarise(results, out, baseline=args.baseline))
         for path in all_plots(results, out):

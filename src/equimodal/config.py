@@ -17,13 +17,15 @@ from .data import DATASET_MODALITIES, dataset_options
 from .errors import ConfigError
 from .methods import build_method, method_options
 from .models import ESTIMATORS, FUSIONS
+from .models.encoders import NORMS
 
 __all__ = ["ConfigError", "DEFAULTS", "dump_config", "load_config", "resolve"]
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"name": "synthetic"},
-    "model": {"encoder": "auto", "width": 32, "feature_dim": 64, "fusion": "concat", "estimator": "auto"},
+    "model": {"encoder": "auto", "width": 32, "feature_dim": 64, "fusion": "concat", "estimator": "auto",
+              "norm": "batch"},
     "method": {"name": "joint"},
     "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
               "step_size": 10, "gamma": 0.1, "clip_grad_norm": None},
@@ -35,6 +37,7 @@ CHOICES: dict[str, tuple] = {
     "model.encoder": ("auto", "cnn", "mlp"),
     "model.fusion": tuple(FUSIONS),
     "model.estimator": ESTIMATORS,
+    "model.norm": NORMS,
     "optim.name": ("sgd", "adam", "adamw"),
     "optim.schedule": ("step", "cosine", "none"),
     "train.select": ("last", "best_val"),

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import yaml
 
 from ..config import load_config
+from .._dist import is_main_process
 from ..errors import RunFolderError
 from .stats import fmt_pct, mean_std, paired_difference
 
@@ -103,6 +104,8 @@ def run_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not is_main_process():
+        echo = lambda text: None  # noqa: E731 - only rank 0 prints
     base = list(overrides or []) + [f"train.progress={'true' if progress else 'false'}"]
     runs = plan_grid(dataset, methods, seeds, out, base)
     configs = [load_config(overrides=run.overrides) for run in runs]
@@ -130,6 +133,8 @@ def run_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path
         results.append({**summary, "label": run.label, "history": history, "folder": str(run.folder)})
     results.failures = failures
     failures_path = out / "failures.json"
+    if not is_main_process():  # under torchrun every rank runs the grid; rank 0 writes
+        return results
     if failures:
         failures_path.write_text(json.dumps(failures, indent=2))
     elif failures_path.exists():

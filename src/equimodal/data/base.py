@@ -99,9 +99,13 @@ class DataSplits:
 
 
 def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False,
-                    num_workers: int = 0, limit: int | None = None
+                    num_workers: int = 0, limit: int | None = None, shard: tuple[int, int] = (0, 1)
                     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Mini-batches in a seeded order (shuffled when a generator is given); at most ``limit`` samples.
+
+    ``shard=(rank, world)``: every process draws the same order and takes its contiguous share of
+    each global batch of ``batch_size`` samples (a final batch with fewer samples than processes is
+    dropped, since every process must take part in each step).
 
     In-memory datasets: one vectorised index gather per batch. Datasets read from disk go through a
     ``DataLoader`` (``num_workers`` processes) over the same order."""
@@ -112,6 +116,9 @@ def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None 
         n = order.numel()
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     chunks = [order[start:start + batch_size] for start in range(0, stop, batch_size)]
+    rank, world = shard
+    if world > 1:
+        chunks = [c.tensor_split(world)[rank] for c in chunks if c.numel() >= world]
     if isinstance(dataset, TensorMultimodalDataset):
         for chunk in chunks:
             yield dataset[chunk]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import _dist
 from .._progress import show_progress
 from ..config import dump_config
 from ..errors import ConfigError, NonFiniteError, RunFolderError
@@ -59,10 +60,12 @@ def build_model(model_cfg: dict, splits: DataSplits) -> MultimodalModel:
             kind = "cnn" if len(shape) >= 2 else "mlp"
         if kind == "cnn":
             channels = shape[0] if len(shape) == 3 else 1
-            encoders[m] = ENCODERS["cnn"](in_channels=channels, width=model_cfg["width"], out_dim=model_cfg["feature_dim"])
+            encoders[m] = ENCODERS["cnn"](in_channels=channels, width=model_cfg["width"], out_dim=model_cfg["feature_dim"],
+                                          norm=model_cfg.get("norm", "batch"))
         else:
             in_dim = int(torch.tensor(shape).prod())
-            encoders[m] = ENCODERS["mlp"](in_dim=in_dim, hidden=2 * model_cfg["width"] * 2, out_dim=model_cfg["feature_dim"])
+            encoders[m] = ENCODERS["mlp"](in_dim=in_dim, hidden=2 * model_cfg["width"] * 2, out_dim=model_cfg["feature_dim"],
+                                          norm=model_cfg.get("norm", "batch"))
     return MultimodalModel(encoders, splits.num_classes, fusion=model_cfg["fusion"], estimator=model_cfg["estimator"])
 
 
@@ -146,6 +149,20 @@ def linear_probes(model: MultimodalModel, splits: DataSplits, device: torch.devi
             for m in model.modalities}
 
 
+class TrainStep(nn.Module):
+    """One micro-batch's forward and loss terms (``method.forward`` then ``method.loss``), as a
+    module so that DistributedDataParallel can wrap exactly what produces the loss. The method is a
+    plain attribute (its own heads are averaged across ranks by the method itself)."""
+
+    def __init__(self, model: nn.Module, method: Method) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, inputs: dict[str, torch.Tensor], targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.method.loss(self.method.forward(self.model, inputs), targets)
+
+
 # --- the trainer -----------------------------------------------------------------------------
 class Trainer:
     """Runs one configured training job and writes its output folder.
@@ -171,8 +188,19 @@ class Trainer:
             while out_dir.exists():
                 out_dir, n = stamp.with_name(f"{stamp.name}-{n}"), n + 1
         self.out_dir = Path(out_dir)
-        self.echo = echo
-        self.device = resolve_device(t["device"])
+        if _dist.launched_by_torchrun() or _dist.is_distributed():
+            self.device = _dist.init_from_env(resolve_device(t["device"]).type)  # joins torchrun's group
+        else:
+            self.device = resolve_device(t["device"])
+        self.world, self.rank = _dist.world_size(), _dist.rank()
+        if t["batch_size"] % self.world:
+            raise ConfigError(f"train.batch_size={t['batch_size']} is the global batch and must split evenly over "
+                              f"{self.world} processes")
+        self.echo = echo if self.rank == 0 else (lambda text: None)  # only rank 0 prints
+        if self.world > 1:  # every rank writes nowhere but must agree on rank 0's folder name
+            names = [str(self.out_dir)]
+            torch.distributed.broadcast_object_list(names, src=0)
+            self.out_dir = Path(names[0])
         self.bf16 = bool(t["bf16"]) and self.device.type == "cuda"
         torch.manual_seed(t["seed"])
         data_opts = {k: v for k, v in self.cfg["data"].items() if k != "name"}
@@ -229,6 +257,17 @@ class Trainer:
                               f"(stage {name!r}); train.accumulate must be 1, got {self.cfg['train']['accumulate']}")
         # after setup: a method may add its own parameter group, and the scheduler must know every group
         self.scheduler = build_scheduler(self.cfg["optim"], self.optimizer, epochs)
+        self.train_step = self._wrap(TrainStep(self.model, method))
+
+    def _wrap(self, step: nn.Module) -> nn.Module:
+        """DistributedDataParallel around the forward *and* the loss under a process group, so DDP
+        sees only the loss terms and finds the parameters a stage leaves unused (the fused head
+        while distill trains its teachers) from the loss itself. Rebuilt per stage: a stage may
+        freeze encoders, and DDP registers the parameters that require grad when it is built."""
+        if not _dist.is_distributed():
+            return step
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
 
     # --- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -281,18 +320,21 @@ class Trainer:
         clip = self.cfg["optim"]["clip_grad_norm"]
         method = self.active
         self.model.train()
+        getattr(self.train_step, "module", self.train_step).method = method  # the stage's runner, as active now
         method.on_epoch_start(stage_epoch)
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         train_set = method.training_set(stage_epoch, self.splits.train)  # a method may resample (valuation)
-        n_batches = -(-len(train_set) // t["batch_size"])
+        n_batches = (-(-len(train_set) // t["batch_size"]) if self.world == 1 else
+                     sum(1 for start in range(0, len(train_set), t["batch_size"])
+                         if len(train_set) - start >= self.world))
         name = self.plan[self.stage_index][0]
         label = f"{name} " if len(self.plan) > 1 else ""
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)  # per-epoch random crops and frame choices
-        bar = tqdm(batches(train_set, t["batch_size"], self._shuffle_generator(epoch),
-                           num_workers=t["num_workers"]), total=n_batches,
-                   desc=f"{label}epoch {epoch + 1}/{self.total_epochs}", leave=False, disable=not show_progress(t["progress"]),
+        bar = tqdm(iterate_batches(train_set, t["batch_size"], self._shuffle_generator(epoch),
+                                   num_workers=t["num_workers"], shard=(self.rank, self.world)), total=n_batches,
+                   desc=f"{label}epoch {epoch + 1}/{self.total_epochs}", leave=False, disable=self.rank != 0 or not show_progress(t["progress"]),
                    dynamic_ncols=True)
         accumulate = t["accumulate"]
         substeps = method.substeps()
@@ -303,8 +345,7 @@ class Trainer:
                 if substeps > 1:
                     method.on_substep(sub)
                 with autocast_for(self.device, self.bf16):  # the method's own heads run under autocast too
-                    out = method.forward(self.model, inputs)
-                    terms = method.loss(out, y)
+                    terms = self.train_step(inputs, y)  # method.forward, then method.loss
                 loss = sum(terms.values())
                 (loss / accumulate).backward()
                 for k, v in {"loss": loss, **terms}.items():
@@ -338,7 +379,8 @@ class Trainer:
         total = loss.detach().float().sum()
         if grads:
             total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
-        return bool(torch.isfinite(total))
+        total = _dist.all_reduce_sum(total.reshape(1))  # every rank takes the same decision
+        return bool(torch.isfinite(total).all())
 
     def _nonfinite_message(self, epoch: int, step: int, method: Method) -> str:
         figures = {k: v for k, v in method.log().items() if isinstance(v, (int, float))}
@@ -365,10 +407,13 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         t = self.cfg["train"]
         self.check_out_dir()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.out_dir / "checkpoint.pt")  # left by a writer killed mid-write
-        (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
-        self._rewrite_metrics()
+        _dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+        self.writes = self.rank == 0  # only rank 0 writes the run folder
+        if self.writes:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.out_dir / "checkpoint.pt")  # left by a writer killed mid-write
+            (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
+            self._rewrite_metrics()
         last_stage = len(self.plan) - 1
         while self.epoch < self.total_epochs:
             epoch = self.epoch
@@ -404,8 +449,9 @@ class Trainer:
             record["seconds"] = time.perf_counter() - start
             self.history.append(record)
             self.epoch = epoch + 1
-            self._append_metrics(record)
-            save_checkpoint(self.state_dict(), self.out_dir / "checkpoint.pt")
+            if self.writes:
+                self._append_metrics(record)
+                save_checkpoint(self.state_dict(), self.out_dir / "checkpoint.pt")
             self.echo(format_epoch(record, self.total_epochs))
             if self.stage_reports and self.stage_reports[-1]["stage"] == name and stage_epoch == stage_epochs - 1:
                 self.echo(format_stage(self.stage_reports[-1]))
@@ -449,7 +495,9 @@ class Trainer:
                      **self.meter.summary(self.optimizer_steps)},
             "seconds": self.elapsed + time.perf_counter() - start,
         }
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["processes"] = self.world
+        if self.rank == 0:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.echo(format_summary(summary))
         return summary
 
