@@ -110,3 +110,16 @@ def test_a_killed_two_process_run_resumes_to_the_same_weights(tmp_path):
     a = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(cut / "checkpoint.pt", weights_only=True)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # rank 0's weights and BatchNorm buffers
+
+
+def test_accumulation_under_two_processes_uses_the_whole_effective_batch(tmp_path):
+    """2 processes x 2 micro-batches of a global 40 = one process with one batch of 80."""
+    extra = ["method.name=ogm", "train.epochs=1", "model.norm=group"]
+    one = run_worker(tmp_path, "one", 1, extra + ["train.batch_size=80"])
+    two = run_worker(tmp_path, "two", 2, extra + ["train.batch_size=40", "train.accumulate=2"])
+    a = torch.load(one / "rank0.pt", weights_only=True)
+    b = torch.load(two / "rank1.pt", weights_only=True)
+    assert len(a["ks"]) == len(b["ks"]) == 5
+    assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(a["ks"], b["ks"]))
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5), k

@@ -29,7 +29,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "method": {"name": "joint"},
     "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
               "step_size": 10, "gamma": 0.1, "clip_grad_norm": None},
-    "train": {"epochs": 12, "batch_size": 64, "accumulate": 1, "num_workers": 0, "seed": 0, "device": "auto", "bf16": True,
+    "train": {"epochs": 12, "batch_size": 64, "accumulate": 1, "num_workers": 0, "seed": 0, "device": "auto", "precision": "auto",
               "select": "last", "probe": True, "out": None, "progress": True, "on_nan": "stop"},
 }
 
@@ -42,6 +42,7 @@ CHOICES: dict[str, tuple] = {
     "optim.schedule": ("step", "cosine", "none"),
     "train.select": ("last", "best_val"),
     "train.on_nan": ("stop", "skip"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }
 POSITIVE = ("model.width", "model.feature_dim", "optim.lr", "optim.step_size", "optim.gamma", "train.epochs",
             "train.batch_size", "train.accumulate")

@@ -100,21 +100,41 @@ def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
 
 
-def autocast_for(device: torch.device, bf16: bool):
-    if device.type == "cuda" and bf16:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast on CUDA, fp32 elsewhere; otherwise as named (bf16 and fp16 autocast
+    also run on the CPU)."""
+    if name == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return name
+
+
+def autocast_for(device: torch.device, precision: str | bool):
+    """The autocast context of a precision (``True``/``False`` = the old bf16 flag, CUDA only)."""
+    if isinstance(precision, bool):
+        precision = "bf16" if precision and device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
     return nullcontext()
+
+
+def make_grad_scaler(device: torch.device):
+    """``torch.amp.GradScaler`` for fp16 (the CUDA-only class on torch versions that lack it)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler(device.type)
+    return torch.cuda.amp.GradScaler()
 
 
 @torch.no_grad()
 def evaluate(model: MultimodalModel, method: Method, dataset: TensorMultimodalDataset, device: torch.device,
-             batch_size: int = 256, bf16: bool = False) -> dict[str, Any]:
+             batch_size: int = 256, bf16: bool = False, precision: str | None = None) -> dict[str, Any]:
     """Fused accuracy / macro-F1 / loss (from ``method.predict``) and per-modality accuracy."""
     was_training = model.training
     model.eval()
     preds, uni, losses = [], {}, []
     for inputs, y in batches(dataset, batch_size):
-        with autocast_for(device, bf16):
+        with autocast_for(device, precision if precision is not None else bf16):
             out = model(to_device(inputs, device))
         logits = method.predict(out).float().cpu()
         preds.append(logits.argmax(1))
@@ -201,7 +221,10 @@ class Trainer:
             names = [str(self.out_dir)]
             torch.distributed.broadcast_object_list(names, src=0)
             self.out_dir = Path(names[0])
-        self.bf16 = bool(t["bf16"]) and self.device.type == "cuda"
+        legacy = "bf16" if t.get("bf16", True) else "fp32"  # configs written before train.precision
+        self.precision = resolve_precision(t.get("precision", "auto" if legacy == "bf16" else "fp32"), self.device)
+        self.scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
+        self.scaler_skips = 0
         torch.manual_seed(t["seed"])
         data_opts = {k: v for k, v in self.cfg["data"].items() if k != "name"}
         if "progress" in data_opts:  # a loader that builds a cache shows bars only when the run does
@@ -279,7 +302,9 @@ class Trainer:
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 "history": self.history, "stage_reports": self.stage_reports, "best": self.best,
-                "elapsed": self.elapsed, "cost": self.meter.state_dict(), "optimizer_steps": self.optimizer_steps}
+                "elapsed": self.elapsed, "cost": self.meter.state_dict(), "optimizer_steps": self.optimizer_steps,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "scaler_skips": self.scaler_skips}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.method.load_state_dict(state["method"])
@@ -299,6 +324,9 @@ class Trainer:
         self.elapsed = float(state["elapsed"])
         self.meter.load_state_dict(state.get("cost", {}))
         self.optimizer_steps = int(state.get("optimizer_steps", 0))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.scaler_skips = int(state.get("scaler_skips", 0))
 
     @classmethod
     def resume(cls, run_dir: str | Path, echo: Callable[[str], None] = print) -> "Trainer":
@@ -344,26 +372,45 @@ class Trainer:
             for sub in range(substeps):  # most methods: one step per batch; alternating methods: several
                 if substeps > 1:
                     method.on_substep(sub)
-                with autocast_for(self.device, self.bf16):  # the method's own heads run under autocast too
+                with autocast_for(self.device, self.precision):  # the method's own heads run under autocast too
                     terms = self.train_step(inputs, y)  # method.forward, then method.loss
                 loss = sum(terms.values())
-                (loss / accumulate).backward()
+                group = 1 if substeps > 1 else min(accumulate, n_batches - (i // accumulate) * accumulate)
+                scaled = loss / group  # a final, shorter accumulation group is averaged over its own size
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 for k, v in {"loss": loss, **terms}.items():
                     sums[k] = sums.get(k, 0) + v.detach()
                 steps += 1
                 if substeps == 1 and (i + 1) % accumulate and i + 1 < n_batches:
                     continue  # accumulate gradients over micro-batches; one optimizer step per group
-                method.before_step(self.model)
-                if not self._finite(loss):
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)  # methods see unscaled gradients
+                loss_ok, grads_ok = self._finite(loss)
+                if not loss_ok or (not grads_ok and self.scaler is None):
                     if t["on_nan"] == "stop":
                         raise NonFiniteError(self._nonfinite_message(epoch, i, method))
                     skipped += 1  # on_nan=skip: drop this step's gradients, keep going
-                    method.after_step(self.model)
+                    if self.scaler is not None:
+                        self.scaler.update()
                     self.optimizer.zero_grad(set_to_none=True)
                     continue
+                # fp16: a step the scaler will skip (overflow) must not advance the method's state
+                snapshot = copy.deepcopy(method.state_dict()) if self.scaler is not None else None
+                method.before_step(self.model)
                 if clip:
                     nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                self.optimizer.step()
+                if self.scaler is not None:
+                    scale = self.scaler.get_scale()
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    if self.scaler.get_scale() < scale:  # skipped: restore the method's state
+                        method.load_state_dict(snapshot)
+                        self.scaler_skips += 1
+                        method.after_step(self.model)
+                        self.optimizer.zero_grad(set_to_none=True)
+                        continue
+                else:
+                    self.optimizer.step()
                 self.optimizer_steps += 1
                 method.after_step(self.model)
                 self.optimizer.zero_grad(set_to_none=True)
@@ -371,16 +418,18 @@ class Trainer:
         stats = {k: float(v) / max(1, steps) for k, v in sums.items()}
         if skipped:
             stats["skipped_nonfinite_steps"] = skipped
+        if self.scaler is not None:
+            stats["fp16_scale"] = float(self.scaler.get_scale())
         return stats
 
-    def _finite(self, loss: torch.Tensor) -> bool:
-        """Whether the step's loss and every gradient are finite (one host sync per step)."""
+    def _finite(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """Whether the step's loss, and every gradient, are finite (one host sync per step; summed
+        over ranks so every rank takes the same decision)."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        total = loss.detach().float().sum()
-        if grads:
-            total = total + torch.stack(torch._foreach_norm(grads)).float().sum()
-        total = _dist.all_reduce_sum(total.reshape(1))  # every rank takes the same decision
-        return bool(torch.isfinite(total).all())
+        norm = torch.stack(torch._foreach_norm(grads)).float().sum() if grads else loss.new_zeros(())
+        both = _dist.all_reduce_sum(torch.stack([loss.detach().float().sum(), norm.to(loss.device)]))
+        ok = torch.isfinite(both).tolist()
+        return bool(ok[0]), bool(ok[1])
 
     def _nonfinite_message(self, epoch: int, step: int, method: Method) -> str:
         figures = {k: v for k, v in method.log().items() if isinstance(v, (int, float))}
@@ -429,7 +478,7 @@ class Trainer:
                 self.meter.active = False
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
             self.scheduler.step()
-            val = evaluate(self.model, method, self.splits.val, self.device, bf16=self.bf16)
+            val = evaluate(self.model, method, self.splits.val, self.device, precision=self.precision)
             record = {"epoch": epoch, "stage": name, "stage_epoch": stage_epoch,
                       "lr": lr,
                       **{f"train_{k}": v for k, v in train_stats.items()},
@@ -459,7 +508,7 @@ class Trainer:
 
     def _stage_report(self, name: str, method: Method, val: dict[str, Any]) -> dict[str, Any]:
         """End-of-stage figures (test evaluated for reporting only; nothing is selected on it)."""
-        test = evaluate(self.model, method, self.splits.test, self.device, bf16=self.bf16)
+        test = evaluate(self.model, method, self.splits.test, self.device, precision=self.precision)
         probes = linear_probes(self.model, self.splits, self.device) if self.cfg["train"]["probe"] else {}
         return {"stage": name, "val_acc": val["acc"], "val_acc_by_modality": val["acc_by_modality"],
                 "test_acc": test["acc"], "test_acc_by_modality": test["acc_by_modality"],
@@ -474,7 +523,7 @@ class Trainer:
             self.model.load_state_dict(self.best["model"])
             selected = self.best["epoch"]
         start = time.perf_counter()
-        test = evaluate(self.model, self.active, self.splits.test, self.device, bf16=self.bf16)
+        test = evaluate(self.model, self.active, self.splits.test, self.device, precision=self.precision)
         last = self.stage_reports[-1] if self.stage_reports else None
         if last is not None and last["stage"] == self.plan[-1][0] and selected == self.epoch - 1:
             probes = last["probe_acc_by_modality"]  # same final model: the last stage report already fitted them
@@ -496,6 +545,9 @@ class Trainer:
             "seconds": self.elapsed + time.perf_counter() - start,
         }
         summary["processes"] = self.world
+        summary["precision"] = self.precision
+        if self.scaler is not None:
+            summary["fp16_skipped_steps"] = self.scaler_skips
         if self.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         self.echo(format_summary(summary))
