@@ -545,6 +545,7 @@ class Trainer:
             "seconds": self.elapsed + time.perf_counter() - start,
         }
         summary["processes"] = self.world
+        summary["peak_rss_mib_by_rank"] = peak_rss_by_rank()
         summary["precision"] = self.precision
         if self.scaler is not None:
             summary["fp16_skipped_steps"] = self.scaler_skips
@@ -561,6 +562,24 @@ class Trainer:
     def _append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def peak_rss_by_rank() -> list[float]:
+    """Every rank's peak resident memory (one gather under a process group)."""
+    mine = round(peak_rss_mib(), 1)
+    if not _dist.is_distributed():
+        return [mine]
+    gathered: list = [None] * _dist.world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
 
 
 # --- pretty output -----------------------------------------------------------------------------
