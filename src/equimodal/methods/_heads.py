@@ -36,3 +36,10 @@ def seeded(build, seed: int) -> nn.Module:
 def set_trainable(module: nn.Module, trainable: bool) -> None:
     for p in module.parameters():
         p.requires_grad_(trainable)
+
+
+def linear_heads(model: nn.Module, method_name: str, seed: int, bias: bool = True) -> nn.ModuleDict:
+    """One seeded linear classifier per modality on that encoder's features (the heads many methods
+    own: unimodal losses, teachers, learners), built without touching the global random state."""
+    dims, classes = encoder_dims(model, method_name), int(model.num_classes)
+    return seeded(lambda: nn.ModuleDict({m: nn.Linear(d, classes, bias=bias) for m, d in dims.items()}), seed)

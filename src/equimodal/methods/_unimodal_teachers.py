@@ -14,7 +14,7 @@ from torch import nn
 from .._dist import average_gradients
 from ..models.multimodal import ModelOutput
 from ._base import Method, unwrap
-from ._heads import encoder_dims, seeded, set_trainable
+from ._heads import linear_heads, set_trainable
 
 #: the name of the stage that trains the unimodal models
 UNIMODAL_STAGE = "unimodal"
@@ -59,10 +59,7 @@ class UnimodalTeachers(Method):
         super().setup(model, optimizer, seed)
         inner = self._model = unwrap(model)
         if self.heads is None:
-            dims = encoder_dims(inner, self.name)
-            classes = inner.num_classes
-            self.heads = seeded(lambda: nn.ModuleDict({m: nn.Linear(d, classes) for m, d in dims.items()}),
-                                self.seed + 11)
+            self.heads = linear_heads(inner, self.name, self.seed + 11)
         self.attach_parameters(model, optimizer)
         set_trainable(self.heads, self.stage == UNIMODAL_STAGE)
 

@@ -10,7 +10,7 @@ from torch import nn
 from .._dist import average_gradients
 from ..models.multimodal import ModelOutput
 from ._base import Method, Stage, unwrap
-from ._heads import encoder_dims, reset_module, seeded, set_trainable
+from ._heads import encoder_dims, linear_heads, reset_module, seeded, set_trainable
 from ._registry import register_method
 
 _FUSE = ("frozen", "finetune")
@@ -89,8 +89,7 @@ class Distill(Method):
             raise ValueError(f"distill: teacher {self.teacher!r} is not a modality of the model {list(inner.modalities)}")
         if self.heads is None:
             dims = encoder_dims(inner, self.name)
-            classes = inner.num_classes
-            self.heads = seeded(lambda: nn.ModuleDict({m: nn.Linear(d, classes) for m, d in dims.items()}), self.seed + 11)
+            self.heads = linear_heads(inner, self.name, self.seed + 11)
             self.projections = seeded(lambda: nn.ModuleDict(
                 {f"{w}_to_{t}": nn.Linear(dims[w], dims[t]) for w in dims for t in dims if w != t}), self.seed + 13)
         self.attach_parameters(model, optimizer)

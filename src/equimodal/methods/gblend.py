@@ -14,7 +14,7 @@ from torch import nn
 from .._dist import all_reduce_sum, average_gradients
 from ..models.multimodal import ModelOutput
 from ._base import Method, unwrap
-from ._heads import encoder_dims, seeded
+from ._heads import linear_heads
 from ._registry import register_method
 
 _MODES = ("online", "offline", "online-copies")
@@ -147,9 +147,7 @@ class GradientBlending(Method):
             raise ValueError(f"{self.name}: a modality is named {FUSED!r}, the name of the fused head's loss")
         self.names = (*inner.modalities, FUSED)
         if self.heads is None:
-            dims, classes = encoder_dims(inner, self.name), inner.num_classes
-            self.heads = seeded(lambda: nn.ModuleDict({m: nn.Linear(d, classes) for m, d in dims.items()}),
-                                self.seed + 31)
+            self.heads = linear_heads(inner, self.name, self.seed + 31)
         if self.weights is None:
             self.weights = torch.full((len(self.names),), 1.0 / len(self.names))
         self._optimizer = optimizer

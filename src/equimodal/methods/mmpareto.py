@@ -10,7 +10,7 @@ from torch import nn
 from .. import _dist
 from ..models.multimodal import ModelOutput
 from ._base import Method, unwrap
-from ._heads import encoder_dims, seeded
+from ._heads import linear_heads
 from ._registry import register_method
 
 
@@ -107,9 +107,7 @@ class MMPareto(Method):
         self._modalities = tuple(inner.modalities)
         self._params = {m: [p for p in inner.encoder_parameters(m) if p.requires_grad] for m in self._modalities}
         if self.heads is None:
-            dims, classes = encoder_dims(inner, self.name), inner.num_classes
-            self.heads = seeded(lambda: nn.ModuleDict({m: nn.Linear(d, classes) for m, d in dims.items()}),
-                                self.seed + 17)
+            self.heads = linear_heads(inner, self.name, self.seed + 17)
         self.attach_parameters(model, optimizer)
 
     def parameters(self) -> list[nn.Parameter]:

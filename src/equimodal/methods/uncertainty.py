@@ -10,7 +10,7 @@ from torch import nn
 from .._dist import average_gradients
 from ..models.multimodal import ModelOutput
 from ._base import Method, unwrap
-from ._heads import encoder_dims, seeded
+from ._heads import linear_heads
 from ._registry import register_method
 from .ogm_ge import OGMGE
 
@@ -58,8 +58,7 @@ class Uncertainty(Method):
         inner = unwrap(model)
         self._modalities = tuple(inner.modalities)
         if self.heads is None:
-            dims, classes = encoder_dims(inner, self.name), inner.num_classes
-            self.heads = seeded(lambda: nn.ModuleDict({m: nn.Linear(d, classes) for m, d in dims.items()}), self.seed + 7)
+            self.heads = linear_heads(inner, self.name, self.seed + 7)
             self.log_vars = nn.Parameter(torch.zeros(1 + len(self._modalities)), requires_grad=self.learn_weights)
         self.attach_parameters(model, optimizer)
         if self._ogm is not None:
