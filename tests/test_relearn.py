@@ -197,3 +197,23 @@ def test_theta0_is_kept_across_setup_and_restored_by_state():
 def test_bad_options_are_named(bad):
     with pytest.raises(ValueError, match=list(bad)[0]):
         build_method("relearn", **bad)
+
+
+def test_best_validation_copy_holds_the_weights_that_scored(tmp_path, tiny_overrides):
+    """train.select=best_val keeps the weights validated, not those re-initialised right after."""
+    from equimodal.config import load_config
+    from equimodal.train import Trainer
+    cfg = load_config(overrides=tiny_overrides + ["method.name=relearn", "method.reinit_epoch=1",
+                                                  "train.select=best_val", "train.probe=false", "train.epochs=2"])
+    trainer = Trainer(cfg, out_dir=tmp_path, echo=lambda s: None)
+    snapshots = []
+    original = trainer.method.on_epoch_end
+
+    def record(epoch, metrics):
+        snapshots.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        original(epoch, metrics)
+
+    trainer.method.on_epoch_end = record
+    trainer.fit()
+    best = trainer.best
+    assert all(torch.equal(best["model"][k], snapshots[best["epoch"]][k]) for k in best["model"])

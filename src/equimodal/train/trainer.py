@@ -484,14 +484,15 @@ class Trainer:
                       **{f"train_{k}": v for k, v in train_stats.items()},
                       "val_acc": val["acc"], "val_macro_f1": val["macro_f1"], "val_loss": val["loss"],
                       "val_acc_by_modality": val["acc_by_modality"], **method.log()}
+            # the weights that scored val["acc"], copied before on_epoch_end may change them (relearn)
+            if index == last_stage and val["acc"] > self.best["val_acc"]:
+                self.best = {"epoch": epoch, "val_acc": val["acc"],
+                             "model": copy.deepcopy(self.model.state_dict()) if t["select"] == "best_val" else None}
             self.meter.active = True  # a method's own end-of-epoch passes (estimates, re-learning) count too
             try:
                 method.on_epoch_end(stage_epoch, record)
             finally:
                 self.meter.active = False
-            if index == last_stage and val["acc"] > self.best["val_acc"]:
-                self.best = {"epoch": epoch, "val_acc": val["acc"],
-                             "model": copy.deepcopy(self.model.state_dict()) if t["select"] == "best_val" else None}
             if last_stage > 0 and stage_epoch == stage_epochs - 1:  # report each stage of a multi-stage method
                 self.stage_reports.append(self._stage_report(name, method, val))
             self.elapsed += time.perf_counter() - start
