@@ -48,9 +48,8 @@ def main() -> None:
     t_times, b_times = [], []
     for epoch in range(args.epochs):
         start = time.perf_counter()
-        trainer.meter.active = True
-        trainer.train_epoch(epoch, epoch)
-        trainer.meter.active = False
+        with trainer.meter.counting():
+            trainer.train_epoch(epoch, epoch)
         t_times.append(time.perf_counter() - start)
         start = time.perf_counter()
         bare_epoch(epoch)

@@ -55,15 +55,14 @@ def launched_by_torchrun() -> bool:
 def init_from_env(device_name: str = "auto") -> torch.device:
     """Join the process group that ``torchrun`` describes in the environment (NCCL on CUDA, gloo on
     the CPU) and return this rank's device. Without a launcher: no group, the requested device."""
-    wants_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    cuda = torch.cuda.is_available() and (device_name == "auto" or device_name.startswith("cuda"))
     if launched_by_torchrun() and not is_distributed():
-        backend = "nccl" if wants_cuda and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    if wants_cuda and torch.cuda.is_available() and is_distributed():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda and is_distributed():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
-    return torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if cuda else "cpu")
 
 
 def is_main_process() -> bool:

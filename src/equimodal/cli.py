@@ -110,9 +110,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     method = build_method(**cfg["method"])
     method.load_state_dict(state["method"])
     from .train.trainer import resolve_precision
-    precision = resolve_precision(cfg["train"].get("precision", "auto" if cfg["train"].get("bf16", True) else "fp32"),
-                                  device)
-    result = evaluate(model, method, getattr(splits, args.split), device, precision=precision)
+    result = evaluate(model, method, getattr(splits, args.split), device,
+                      precision=resolve_precision(cfg["train"], device))
     result = {"checkpoint": str(args.checkpoint), "split": args.split, "epochs_trained": state["epoch"],
               "evaluated_epoch": epoch + 1, "evaluated": which, **result}
     print(json.dumps(result, indent=2))

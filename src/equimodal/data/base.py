@@ -98,6 +98,12 @@ class DataSplits:
         return self.train.num_classes
 
 
+def num_batches(n: int, batch_size: int, world: int = 1) -> int:
+    """How many (global) batches ``iterate_batches`` yields for ``n`` samples over ``world`` processes:
+    a final batch with fewer samples than processes is dropped."""
+    return sum(1 for start in range(0, n, batch_size) if min(batch_size, n - start) >= world)
+
+
 def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False,
                     num_workers: int = 0, limit: int | None = None, shard: tuple[int, int] = (0, 1)
                     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
@@ -118,7 +124,7 @@ def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None 
     chunks = [order[start:start + batch_size] for start in range(0, stop, batch_size)]
     rank, world = shard
     if world > 1:
-        chunks = [c.tensor_split(world)[rank] for c in chunks if c.numel() >= world]
+        chunks = [c.tensor_split(world)[rank] for c in chunks[:num_batches(stop, batch_size, world)]]
     if isinstance(dataset, TensorMultimodalDataset):
         for chunk in chunks:
             yield dataset[chunk]

@@ -7,7 +7,8 @@ unimodal pass). Pausing the meter keeps evaluation, probes and checkpoints out o
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -37,6 +38,15 @@ class CostMeter:
             else:
                 counts["forward_no_grad"] += 1
         return on_forward
+
+    @contextmanager
+    def counting(self) -> Iterator[None]:
+        """Count the passes made inside the ``with`` block only."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
 
     def state_dict(self) -> dict[str, dict[str, int]]:
         return {m: dict(c) for m, c in self.counts.items()}

@@ -25,7 +25,7 @@ from .._progress import show_progress
 from ..config import dump_config
 from ..errors import ConfigError, NonFiniteError, RunFolderError
 from ..data import DataSplits, TensorMultimodalDataset, load_dataset
-from ..data.base import iterate_batches, stratified_split
+from ..data.base import iterate_batches, num_batches, stratified_split
 from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
 from .cost import CostMeter
@@ -100,9 +100,10 @@ def to_device(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {m: x.to(device, non_blocking=True) for m, x in inputs.items()}
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto``: bf16 autocast on CUDA, fp32 elsewhere; otherwise as named (bf16 and fp16 autocast
-    also run on the CPU)."""
+def resolve_precision(train_cfg: dict, device: torch.device) -> str:
+    """``train.precision`` of a config: ``auto`` is bf16 autocast on CUDA and fp32 elsewhere; bf16
+    and fp16 autocast also run on the CPU. Configs written before that key had ``train.bf16``."""
+    name = train_cfg.get("precision", "auto" if train_cfg.get("bf16", True) else "fp32")
     if name == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return name
@@ -221,8 +222,7 @@ class Trainer:
             names = [str(self.out_dir)]
             torch.distributed.broadcast_object_list(names, src=0)
             self.out_dir = Path(names[0])
-        legacy = "bf16" if t.get("bf16", True) else "fp32"  # configs written before train.precision
-        self.precision = resolve_precision(t.get("precision", "auto" if legacy == "bf16" else "fp32"), self.device)
+        self.precision = resolve_precision(t, self.device)
         self.scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
         self.scaler_skips = 0
         torch.manual_seed(t["seed"])
@@ -353,9 +353,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         train_set = method.training_set(stage_epoch, self.splits.train)  # a method may resample (valuation)
-        n_batches = (-(-len(train_set) // t["batch_size"]) if self.world == 1 else
-                     sum(1 for start in range(0, len(train_set), t["batch_size"])
-                         if len(train_set) - start >= self.world))
+        n_batches = num_batches(len(train_set), t["batch_size"], self.world)
         name = self.plan[self.stage_index][0]
         label = f"{name} " if len(self.plan) > 1 else ""
         if hasattr(train_set, "set_epoch"):
@@ -457,8 +455,7 @@ class Trainer:
         t = self.cfg["train"]
         self.check_out_dir()
         _dist.barrier()  # every rank has checked the folder before rank 0 writes into it
-        self.writes = self.rank == 0  # only rank 0 writes the run folder
-        if self.writes:
+        if self.rank == 0:  # only rank 0 writes the run folder
             self.out_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.out_dir / "checkpoint.pt")  # left by a writer killed mid-write
             (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
@@ -471,11 +468,8 @@ class Trainer:
                 self._enter_stage(index, resumed=False)
             name, method, stage_epochs = self.plan[index]
             start = time.perf_counter()
-            self.meter.active = True  # count training passes only (the method's own no-grad passes included)
-            try:
+            with self.meter.counting():  # training passes only (the method's own no-grad passes included)
                 train_stats = self.train_epoch(epoch, stage_epoch)
-            finally:
-                self.meter.active = False
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this epoch trained at
             self.scheduler.step()
             val = evaluate(self.model, method, self.splits.val, self.device, precision=self.precision)
@@ -488,18 +482,15 @@ class Trainer:
             if index == last_stage and val["acc"] > self.best["val_acc"]:
                 self.best = {"epoch": epoch, "val_acc": val["acc"],
                              "model": copy.deepcopy(self.model.state_dict()) if t["select"] == "best_val" else None}
-            self.meter.active = True  # a method's own end-of-epoch passes (estimates, re-learning) count too
-            try:
+            with self.meter.counting():  # a method's own end-of-epoch passes (estimates, re-learning) count too
                 method.on_epoch_end(stage_epoch, record)
-            finally:
-                self.meter.active = False
             if last_stage > 0 and stage_epoch == stage_epochs - 1:  # report each stage of a multi-stage method
                 self.stage_reports.append(self._stage_report(name, method, val))
             self.elapsed += time.perf_counter() - start
             record["seconds"] = time.perf_counter() - start
             self.history.append(record)
             self.epoch = epoch + 1
-            if self.writes:
+            if self.rank == 0:
                 self._append_metrics(record)
                 save_checkpoint(self.state_dict(), self.out_dir / "checkpoint.pt")
             self.echo(format_epoch(record, self.total_epochs))
