@@ -1,6 +1,7 @@
 """Tiny distributed helpers, importable from anywhere (no dependency on the rest of the package)."""
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -58,6 +59,7 @@ def init_from_env(device_name: str = "auto") -> torch.device:
     cuda = torch.cuda.is_available() and (device_name == "auto" or device_name.startswith("cuda"))
     if launched_by_torchrun() and not is_distributed():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        atexit.register(shutdown)  # before the interpreter tears down the backend's threads
     if cuda and is_distributed():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -73,3 +75,15 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def shutdown(wait_for_others: bool = False) -> None:
+    """Leave the process group, if any. Exiting with the group alive lets the interpreter destroy
+    the backend's running threads, which aborts the process ("terminate called without an active
+    exception") now and then. ``wait_for_others``: a barrier first, so no rank closes its
+    connections while another still needs them (only where every rank is known to reach it)."""
+    if not is_distributed():
+        return
+    if wait_for_others:
+        dist.barrier()
+    dist.destroy_process_group()

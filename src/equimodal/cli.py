@@ -86,6 +86,8 @@ def _fit(trainer) -> int:
         else:
             print("\ninterrupted before the first epoch finished; nothing was saved to resume from", file=sys.stderr)
         return 130
+    from . import _dist
+    _dist.shutdown(wait_for_others=True)  # every rank finished the same epochs
     return 0
 
 
