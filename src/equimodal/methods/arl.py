@@ -36,7 +36,7 @@ def arl_coefficients(magnitude: torch.Tensor, entropy: torch.Tensor, temperature
 
 @register_method("arl")
 class ARL(Method):
-    """ARL (Wei et al., ICCV 2025): scale each encoder's gradient by 1 + kappa from logit magnitude and entropy, plus shared-head unimodal losses.
+    """ARL (Wei et al., ICCV 2025): shared-head unimodal losses; encoder gradients scaled by 1 + kappa (entropy, logit size).
 
     Rule (our notation; encoders h_m, the model's fusion head g). Unimodal logits through the
     shared head with the other modalities zeroed: z_m = g(0, .., h_m, .., 0) (full bias, as the

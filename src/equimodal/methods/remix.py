@@ -45,7 +45,7 @@ def with_assignment(dataset: Any, assign: torch.Tensor, n_modalities: int,
 
 @register_method("remix")
 class Remix(Method):
-    """Data Remixing (Ma et al., ICML 2025): each sample trains only its least confident modality, in single-modality steps.
+    """Data Remixing (Ma et al., ICML 2025): each sample trains its least confident modality alone, one modality per step.
 
     Rule (our notation; M modalities, features h_m, the model's fusion head g, a linear head W_m per
     modality owned by the method). Warm-up, epochs e < ``warmup_epochs``: ordinary joint steps with
