@@ -25,7 +25,9 @@ def test_method_terms_match_the_formula_and_train_the_heads_and_encoders():
     opt = torch.optim.SGD(model.param_groups(), lr=0.1)
     method = build_method("uncertainty")
     method.setup(model, opt)
-    assert len(opt.param_groups) == 4, "heads and log-variances were added to the optimizer"
+    assert len(opt.param_groups) == 5, "heads and log-variances were added to the optimizer"
+    own = opt.param_groups[-1]
+    assert own["params"] == [method.log_vars] and own["momentum"] == 0 and own["weight_decay"] == 0
     x, y = fake_batch()
     out = model(x)
     terms = method.loss(out, y)
@@ -67,3 +69,46 @@ def test_with_ogm_ge_modulation():
     sum(method.loss(model(x), y).values()).backward()
     method.before_step(model)
     assert "k/audio" in method.log()
+
+
+def _train_weights(method_options: dict, steps: int = 150, lr: float = 0.05) -> torch.Tensor:
+    """Many SGD steps (momentum 0.9, as the trainer's default) on one fixed batch, so that every
+    task's loss falls towards 0; returns the largest weight exp(-s) seen after any step."""
+    model = make_model()
+    opt = torch.optim.SGD(model.param_groups(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    method = build_method("uncertainty", **method_options)
+    method.setup(model, opt)
+    x, y = fake_batch(n=12)
+    largest = torch.zeros(3)
+    for _ in range(steps):
+        opt.zero_grad()
+        sum(method.loss(model(x), y).values()).backward()
+        method.before_step(model)
+        opt.step()
+        method.after_step(model)
+        largest = torch.maximum(largest, torch.exp(-method.log_vars.detach()))
+    return largest
+
+
+def test_weights_stay_bounded_over_a_long_run_where_the_papers_form_grows_without_bound():
+    bounded = _train_weights({})
+    assert bool((bounded <= 1.0 + 1e-6).all()), bounded
+    unconstrained = _train_weights({"max_weight": float("inf"), "plain_optimizer": True})
+    # 1/(2L) as the losses fall, until the run diverges (NaN): the reported failure
+    assert float(torch.nan_to_num(unconstrained, nan=float("inf")).max()) > 3.0, unconstrained
+    looser = _train_weights({"max_weight": 2.0})
+    assert bool((looser <= 2.0 + 1e-6).all()) and float(looser.max()) > 1.5
+
+
+def test_log_variances_take_their_own_learning_rate():
+    model = make_model()
+    opt = torch.optim.SGD(model.param_groups(), lr=0.2, momentum=0.9)
+    method = build_method("uncertainty", weight_lr_scale=0.25)
+    method.setup(model, opt)
+    assert opt.param_groups[-1]["lr"] == pytest.approx(0.05) and opt.param_groups[-2]["lr"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("bad", [{"max_weight": 0}, {"max_weight": -1.0}, {"weight_lr_scale": 0}])
+def test_bad_stability_options_are_named(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        build_method("uncertainty", **bad)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from .base import DataSplits, TensorMultimodalDataset, stratified_split
 from .avclips import PRESETS, AVClipDataset, av_clip_splits
 from .avdigits import avdigits_splits
+from .mfeat import VIEWS as MFEAT_VIEWS, mfeat_splits
 from .synthetic import synthetic_splits
 from ..errors import DataError
 
@@ -20,6 +21,7 @@ DATASETS: dict[str, tuple[Callable[..., DataSplits], dict[str, Any]]] = {
     "synthetic": (synthetic_splits, {}),
     "synthetic3": (synthetic_splits, {"modalities": ["visual", "audio", "tactile"]}),
     "avdigits": (avdigits_splits, {}),
+    "mfeat": (mfeat_splits, {}),
     **{name: (functools.partial(av_clip_splits, name), {}) for name in PRESETS},  # the paper's datasets
 }
 
@@ -27,7 +29,7 @@ DATASETS: dict[str, tuple[Callable[..., DataSplits], dict[str, Any]]] = {
 #: name -> every modality the dataset can provide (``data.modalities`` picks among them, in order)
 DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
     "synthetic": ("visual", "audio", "tactile"), "synthetic3": ("visual", "audio", "tactile"),
-    "avdigits": ("audio", "visual"), **{name: ("audio", "visual") for name in PRESETS},
+    "avdigits": ("audio", "visual"), "mfeat": MFEAT_VIEWS, **{name: ("audio", "visual") for name in PRESETS},
 }
 
 

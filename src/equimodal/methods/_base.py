@@ -222,9 +222,16 @@ class Method:
         it for the methods here)."""
         return []
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """How ``attach_parameters`` groups the method's own parameters in the optimizer: dicts of
+        ``params`` plus optimizer options that differ from the model's (e.g. no momentum for
+        log-variances). Default: one group of ``parameters()`` with the model's options."""
+        params = self.parameters()
+        return [{"params": params}] if params else []
+
     def attach_parameters(self, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """Move the method's own parameters to the model's device and add them to ``optimizer``
-        as one parameter group (call at the end of ``setup``)."""
+        (groups from ``parameter_groups``; call at the end of ``setup``)."""
         params = self.parameters()
         if not params:
             return
@@ -233,9 +240,10 @@ class Method:
             p.data = p.data.to(device)
         if optimizer is not None:
             known = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            fresh = [p for p in params if id(p) not in known]
-            if fresh:
-                optimizer.add_param_group({"params": fresh, "modality": None})
+            for group in self.parameter_groups():
+                fresh = [p for p in group["params"] if id(p) not in known]
+                if fresh:
+                    optimizer.add_param_group({**group, "params": fresh, "modality": None})
 
     def log(self) -> dict[str, float]:
         """Figures gathered since the last call (the trainer calls it once per epoch), then reset."""

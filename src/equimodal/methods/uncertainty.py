@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,17 +34,35 @@ class Uncertainty(Method):
     ratio from the model's unimodal logits. Logged per epoch: the weights exp(-s_t) as ``weight/<task>``.
     The heads and log-variances are the method's own parameters (``parameters()``), added to the
     optimizer in ``setup``; under torch.distributed their gradients are all-reduced in
-    ``before_step``. Evaluation predicts from the fused logits. Hooks: setup, loss, before_step, log.
+    ``before_step``. Evaluation predicts from the fused logits. Hooks: setup, loss, before_step,
+    after_step, log.
+
+    Departure from Kendall et al. (for stability; measured, see docs/findings.md): the unconstrained
+    optimum of exp(-s) L + s/2 is exp(-s) = 1/(2L), which grows without bound as a task's training
+    loss falls, multiplying that task's effective learning rate; with the log-variances in the
+    model's SGD group (momentum 0.9, lr 0.05) a run on mfeat diverged to chance at epoch 6. So the
+    weights are bounded, exp(-s_t) <= ``max_weight`` (default 1: weighting may only down-weight a
+    task, never raise the step size above the plain sum of losses), by projecting s after every
+    step, and the log-variances get their own optimizer group without momentum or weight decay
+    (``weight_lr_scale`` x the model's learning rate). ``max_weight=inf`` with ``weight_lr_scale=1``
+    and the model's momentum is the paper's unconstrained form (``plain_optimizer=true``).
     """
 
     needs_unimodal_logits = False
     min_modalities = 1
 
     def __init__(self, learn_weights: bool = True, modulation: str = "none", alpha: float = 0.8,
-                 params: str = "conv") -> None:
+                 params: str = "conv", max_weight: float = 1.0, weight_lr_scale: float = 1.0,
+                 plain_optimizer: bool = False) -> None:
         super().__init__()
         if modulation not in ("none", "ogm", "ogm-ge"):
             raise ValueError(f"modulation must be one of ['none', 'ogm', 'ogm-ge'], got {modulation!r}")
+        if not max_weight > 0:
+            raise ValueError(f"max_weight must be > 0 (a bound on exp(-s); inf for none), got {max_weight!r}")
+        if not weight_lr_scale > 0:
+            raise ValueError(f"weight_lr_scale must be > 0, got {weight_lr_scale!r}")
+        self.max_weight, self.weight_lr_scale = float(max_weight), float(weight_lr_scale)
+        self.plain_optimizer = bool(plain_optimizer)
         self.learn_weights = bool(learn_weights)
         self.modulation = modulation
         self._ogm = OGMGE(alpha=alpha, params=params, ge=modulation == "ogm-ge",
@@ -61,6 +81,8 @@ class Uncertainty(Method):
             self.heads = linear_heads(inner, self.name, self.seed + 7)
             self.log_vars = nn.Parameter(torch.zeros(1 + len(self._modalities)), requires_grad=self.learn_weights)
         self.attach_parameters(model, optimizer)
+        self.setup_lr(optimizer)
+        self.project()
         if self._ogm is not None:
             self._ogm.setup(model, optimizer, seed)
 
@@ -68,6 +90,30 @@ class Uncertainty(Method):
         if self.heads is None:
             return []
         return [*self.heads.parameters(), *([self.log_vars] if self.learn_weights else [])]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        if self.heads is None:
+            return []
+        groups: list[dict[str, Any]] = [{"params": list(self.heads.parameters())}]
+        if self.learn_weights:
+            own = {} if self.plain_optimizer else {"momentum": 0.0, "weight_decay": 0.0}
+            groups.append({"params": [self.log_vars], **own, "lr_scale": self.weight_lr_scale})
+        return groups
+
+    def setup_lr(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """The log-variances' group takes ``weight_lr_scale`` x the model's learning rate."""
+        if optimizer is None:
+            return
+        base = optimizer.param_groups[0]["lr"]
+        for group in optimizer.param_groups:
+            if "lr_scale" in group and any(p is self.log_vars for p in group["params"]):
+                group["lr"] = base * group["lr_scale"]
+
+    def project(self) -> None:
+        """Keep exp(-s) <= max_weight (s >= -log max_weight)."""
+        if self.log_vars is not None and math.isfinite(self.max_weight):
+            with torch.no_grad():
+                self.log_vars.clamp_(min=-math.log(self.max_weight))
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -93,6 +139,7 @@ class Uncertainty(Method):
             self._ogm.before_step(model)
 
     def after_step(self, model: nn.Module) -> None:
+        self.project()
         if self._ogm is not None:
             self._ogm.after_step(model)
 

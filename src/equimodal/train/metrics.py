@@ -29,9 +29,16 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
     Features are standardised with training statistics; full-batch L-BFGS from zero weights, so the
     result is deterministic. This is the OGM-GE paper's measure of how well an encoder was trained.
     """
+    return linear_probe_scores(train_x, train_y, {"test": (test_x, test_y)}, num_classes, weight_decay, max_iter)["test"]
+
+
+def linear_probe_scores(train_x: torch.Tensor, train_y: torch.Tensor,
+                        evaluations: dict[str, tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                        weight_decay: float = 1e-3, max_iter: int = 200) -> dict[str, float]:
+    """One probe fitted on the training features (as ``linear_probe_accuracy``), scored on each of
+    ``evaluations`` (name -> features, labels): e.g. validation for decisions, test for reporting."""
     mean, std = train_x.mean(0, keepdim=True), train_x.std(0, keepdim=True).clamp_min(1e-6)
     xtr = ((train_x - mean) / std).double()
-    xte = ((test_x - mean) / std).double()
     w = torch.zeros(xtr.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, line_search_fn="strong_wolfe")
@@ -45,4 +52,5 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: 
     with torch.enable_grad():
         opt.step(closure)
     with torch.no_grad():
-        return accuracy((xte @ w + b).argmax(1), test_y)
+        return {name: accuracy((((x - mean) / std).double() @ w + b).argmax(1), y) if len(y) else float("nan")
+                for name, (x, y) in evaluations.items()}

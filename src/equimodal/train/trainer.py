@@ -30,7 +30,7 @@ from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
 from .cost import CostMeter
 from .checkpoint import load_run_state, remove_stale_temporaries, save_checkpoint
-from .metrics import accuracy, linear_probe_accuracy, macro_f1
+from .metrics import accuracy, linear_probe_scores, macro_f1
 
 
 
@@ -164,10 +164,25 @@ def extract_features(model: MultimodalModel, dataset: TensorMultimodalDataset, d
 
 def linear_probes(model: MultimodalModel, splits: DataSplits, device: torch.device) -> dict[str, float]:
     """Test accuracy of a fresh linear classifier per frozen encoder, fitted on the training split."""
+    return linear_probes_by_split(model, splits, device)["test"]
+
+
+def linear_probes_by_split(model: MultimodalModel, splits: DataSplits, device: torch.device
+                           ) -> dict[str, dict[str, float]]:
+    """Per frozen encoder, one linear probe fitted on the training split and scored on validation
+    (what decisions such as ``diagnose``'s verdict may use) and on test (reporting only)."""
     tr = extract_features(model, splits.train, device)
+    va = extract_features(model, splits.val, device) if len(splits.val) else None
     te = extract_features(model, splits.test, device)
-    return {m: linear_probe_accuracy(tr[m], splits.train.labels, te[m], splits.test.labels, splits.num_classes)
-            for m in model.modalities}
+    out: dict[str, dict[str, float]] = {"test": {}, "val": {}}
+    for m in model.modalities:
+        evals = {"test": (te[m], splits.test.labels)}
+        if va is not None:
+            evals["val"] = (va[m], splits.val.labels)
+        scores = linear_probe_scores(tr[m], splits.train.labels, evals, splits.num_classes)
+        for split, acc in scores.items():
+            out[split][m] = acc
+    return out
 
 
 class TrainStep(nn.Module):
@@ -501,10 +516,12 @@ class Trainer:
     def _stage_report(self, name: str, method: Method, val: dict[str, Any]) -> dict[str, Any]:
         """End-of-stage figures (test evaluated for reporting only; nothing is selected on it)."""
         test = evaluate(self.model, method, self.splits.test, self.device, precision=self.precision)
-        probes = linear_probes(self.model, self.splits, self.device) if self.cfg["train"]["probe"] else {}
+        probes = (linear_probes_by_split(self.model, self.splits, self.device) if self.cfg["train"]["probe"]
+                  else {"test": {}, "val": {}})
         return {"stage": name, "val_acc": val["acc"], "val_acc_by_modality": val["acc_by_modality"],
                 "test_acc": test["acc"], "test_acc_by_modality": test["acc_by_modality"],
-                "probe_acc_by_modality": probes, **method.log_stage()}
+                "probe_acc_by_modality": probes["test"], "probe_val_acc_by_modality": probes["val"],
+                **method.log_stage()}
 
     def finish(self) -> dict[str, Any]:
         """Pick the reported model (last epoch, or best validation epoch of the last stage) and
@@ -518,9 +535,10 @@ class Trainer:
         test = evaluate(self.model, self.active, self.splits.test, self.device, precision=self.precision)
         last = self.stage_reports[-1] if self.stage_reports else None
         if last is not None and last["stage"] == self.plan[-1][0] and selected == self.epoch - 1:
-            probes = last["probe_acc_by_modality"]  # same final model: the last stage report already fitted them
+            # same final model: the last stage report already fitted them
+            probes = {"test": last["probe_acc_by_modality"], "val": last.get("probe_val_acc_by_modality", {})}
         else:
-            probes = linear_probes(self.model, self.splits, self.device) if t["probe"] else {}
+            probes = linear_probes_by_split(self.model, self.splits, self.device) if t["probe"] else {"test": {}, "val": {}}
         summary = {
             "method": self.cfg["method"]["name"], "dataset": self.cfg["data"]["name"], "seed": t["seed"],
             "epochs": self.total_epochs, "fusion": self.cfg["model"]["fusion"], "estimator": self.model.estimator,
@@ -528,7 +546,12 @@ class Trainer:
             "selection": t["select"], "selected_epoch": selected,
             "val_acc": self.history[selected]["val_acc"] if self.history else float("nan"),
             "test_acc": test["acc"], "test_macro_f1": test["macro_f1"], "test_loss": test["loss"],
-            "test_acc_by_modality": test["acc_by_modality"], "probe_acc_by_modality": probes,
+            "test_acc_by_modality": test["acc_by_modality"], "probe_acc_by_modality": probes["test"],
+            "probe_val_acc_by_modality": probes["val"],
+            # the last epoch's figures beside the selected ones, so that a collapse hidden by
+            # best-validation selection shows
+            "last_epoch_val_acc": self.history[-1]["val_acc"] if self.history else float("nan"),
+            "last_epoch_test_acc": last["test_acc"] if last is not None else float("nan"),
             "stages": self.stage_reports,
             "holdout": len(self.holdout) if self.holdout is not None else 0,
             "cost": {"epochs": self.total_epochs,
