@@ -174,32 +174,41 @@ def _prepare_clips(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .analysis.bench import run_grid, summarise
+    from .analysis.bench import pick_tuned, run_grid, summarise, tuning_settings
     from .analysis.plots import all_plots
     from .config import ConfigError, load_config
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    overrides = list(args.overrides) + (["train.stage_budget=shared"] if args.equal_epochs else [])
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        cfg = load_config(overrides=[f"data.name={args.dataset}", *overrides])
         if args.alone:
-            mods = load_config(overrides=[f"data.name={args.dataset}", *args.overrides])["data"]["modalities"]
-            methods += [f"alone:{m}" for m in mods]
-        results = run_grid(args.dataset, methods, seeds, args.out, args.overrides, progress=not args.no_progress)
+            methods += [f"alone:{m}" for m in cfg["data"]["modalities"]]
+        settings = {spec: (tuning_settings(spec, cfg["optim"]["lr"]) if args.tune else [spec]) for spec in methods}
+        grid = list(dict.fromkeys(sp for specs in settings.values() for sp in specs))
+        results = run_grid(args.dataset, grid, seeds, args.out, overrides, progress=not args.no_progress)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
     from ._dist import is_main_process
+    failures = results.failures
     if not is_main_process():  # torchrun: every rank trained; rank 0 reports
-        return 1 if results.failures else 0
+        return 1 if failures else 0
+    if results and args.tune:
+        defaults = [r for r in results if r["label"] in settings]
+        summarise(defaults, out, baseline=args.baseline, stem="results_default")
+        results = pick_tuned(results, settings, out)
+        print(f"wrote {out / 'tuning.md'} (every setting) and {out / 'results_default.md'} (defaults, untuned)")
     if results:
         print(summarise(results, out, baseline=args.baseline))
         for path in all_plots(results, out):
             print(f"wrote {path}")
         print(f"wrote {out / 'results.csv'} and {out / 'results.md'}")
-    if results.failures:
-        print(f"error: {len(results.failures)} run(s) failed (details in {out / 'failures.json'}):", file=sys.stderr)
-        for f in results.failures:
+    if failures:
+        print(f"error: {len(failures)} run(s) failed (details in {out / 'failures.json'}):", file=sys.stderr)
+        for f in failures:
             print(f"  {f['label']} seed {f['seed']}: {f['error']}", file=sys.stderr)
         return 1
     return 0
@@ -282,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--alone", action="store_true", help="also train each modality alone (joint on one modality)")
     p.add_argument("--baseline", default="joint", help="the row the paired differences are taken against")
+    p.add_argument("--tune", action="store_true",
+                   help="try each row's search space (or 4 learning rates), pick on validation, report the pick")
+    p.add_argument("--equal-epochs", action="store_true",
+                   help="multi-stage methods share train.epochs over their stages (train.stage_budget=shared)")
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("diagnose", help="is my model imbalanced? each modality alone vs joint, same budget")
     p.add_argument("--dataset", default="synthetic")

@@ -7,7 +7,9 @@ writes ``DIR/runs/<label>-seed<k>/`` (one ordinary run folder each; a finished o
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,16 +32,43 @@ class BenchRun:
 
 def parse_method_spec(spec: str) -> tuple[str, list[str]]:
     """``"ogm-boost:mode=both:noise=sgn"`` -> ("ogm-boost", ["method.name=ogm-boost", "method.mode=both", ...]).
-    ``"alone:audio"`` -> joint on that modality only."""
+    ``"alone:audio"`` -> joint on that modality only (``"alone:audio:optim.lr=0.02"`` with an
+    option). An option with a dot is a config key (``joint:optim.lr=0.02``); method options have none."""
     name, *opts = spec.split(":")
+    extra = []
     if name == "alone":
-        if len(opts) != 1:
+        if not opts or "=" in opts[0]:
             raise ValueError(f"'alone' takes one modality: alone:<modality>, got {spec!r}")
-        return spec, ["method.name=joint", f"data.modalities=[{opts[0]}]"]
+        extra, opts = ["method.name=joint", f"data.modalities=[{opts[0]}]"], opts[1:]
+    else:
+        extra = [f"method.name={name}"]
     for o in opts:
         if "=" not in o:
             raise ValueError(f"method option {o!r} in {spec!r} is not key=value")
-    return spec, [f"method.name={name}", *(f"method.{o}" for o in opts)]
+    return spec, [*extra, *(o if "." in o.split("=", 1)[0] else f"method.{o}" for o in opts)]
+
+
+#: learning-rate multipliers tried for the baseline and for methods without a search space
+#: (the configured rate first), so that every row gets the same number of trials
+LR_FACTORS = (1.0, 0.5, 2.0, 4.0)
+
+
+def tuning_settings(spec: str, base_lr: float) -> list[str]:
+    """The specs ``bench --tune`` runs for one row: the row itself (its defaults) first, then the
+    other points of the method's ``search_space``, or of the learning rate (``LR_FACTORS``) for a
+    method without one (``joint``, ``alone:...``)."""
+    from ..methods._registry import method_class
+
+    name = spec.split(":")[0]
+    space = {} if name == "alone" else dict(method_class(name).search_space)
+    given = {o.split("=", 1)[0] for o in spec.split(":")[1:] if "=" in o}
+    space = {k: v for k, v in space.items() if k not in given}  # options fixed in the spec stay fixed
+    if not space:
+        if "optim.lr" in given:
+            return [spec]
+        return [spec] + [f"{spec}:optim.lr={base_lr * f:g}" for f in LR_FACTORS[1:]]
+    combos = list(itertools.product(*space.values()))
+    return [spec] + [spec + "".join(f":{k}={v}" for k, v in zip(space, c)) for c in combos[1:]]
 
 
 def plan_grid(dataset: str, methods: list[str], seeds: list[int], out: Path, overrides: list[str]) -> list[BenchRun]:
@@ -142,6 +171,35 @@ def run_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path
     return results
 
 
+def pick_tuned(results: list[dict[str, Any]], settings: dict[str, list[str]], out: str | Path) -> list[dict[str, Any]]:
+    """For each row, the setting with the highest mean validation accuracy over seeds (test never
+    looked at; ties: the earlier setting, i.e. the default), its runs relabelled with the row's
+    label and ``tuned`` = the picked setting. Writes ``tuning.md``: every setting's validation and
+    test means, the pick marked. A setting with a failed seed cannot be picked."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_label.setdefault(r["label"], []).append(r)
+    seeds = sorted({r["seed"] for r in results})
+    picked, lines = [], ["| row | setting | seeds | val acc (%) | test acc (%) | picked |", "| --- | --- | --- | --- | --- | --- |"]
+    for row, specs in settings.items():
+        complete = [sp for sp in specs if len(by_label.get(sp, [])) == len(seeds)]
+        if not complete:
+            continue
+        val = {sp: mean_std([r["val_acc"] for r in by_label[sp]])[0] for sp in complete}
+        best = max(complete, key=lambda sp: (val[sp], -specs.index(sp)))
+        for sp in specs:
+            rs = by_label.get(sp, [])
+            shown = sp[len(row):].lstrip(":") or "(default)"
+            lines.append(f"| {row} | {shown} | {len(rs)} | {fmt_pct(*mean_std([r['val_acc'] for r in rs]))} | "
+                         f"{fmt_pct(*mean_std([r['test_acc'] for r in rs]))} | {'**yes**' if sp == best else ''} |")
+        choice = best[len(row):].lstrip(":") or "default"
+        picked += [{**r, "label": row, "tuned": choice} for r in by_label[best]]
+    note = ("Each row's settings, run with every seed; the pick maximises the mean validation accuracy "
+            "(validation carved from the training data); the test column is shown for the record only.")
+    (Path(out) / "tuning.md").write_text("\n".join(lines) + f"\n\n{note}\n")
+    return picked
+
+
 def encoder_passes(summary: dict[str, Any]) -> float | None:
     """Counted training cost of a run: encoder passes (forward with or without autograd = 1,
     backward = 2, the usual FLOP ratio) summed over the run; None for runs recorded before counting."""
@@ -152,15 +210,15 @@ def encoder_passes(summary: dict[str, Any]) -> float | None:
     return per_step * cost["optimizer_steps"]
 
 
-def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "joint") -> str:
-    """Write results.csv and results.md; return the markdown table."""
+def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "joint", stem: str = "results") -> str:
+    """Write ``<stem>.csv`` and ``<stem>.md``; return the markdown table."""
     out = Path(out)
     modalities = sorted({m for r in results for m in r["test_acc_by_modality"]},
                         key=lambda m: [m for r in results for m in r["modalities"]].index(m))
     fields = ["label", "method", "seed", "test_acc", "test_macro_f1", "epochs", "seconds", "seconds_per_epoch",
               *(f"acc_{m}" for m in modalities), *(f"probe_{m}" for m in modalities), "selection", "estimator",
               "optimizer_steps", "forward_per_step", "forward_no_grad_per_step", "backward_per_step"]
-    with open(out / "results.csv", "w", newline="") as fh:
+    with open(out / f"{stem}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for r in results:
@@ -175,30 +233,42 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     labels = list(dict.fromkeys(r["label"] for r in results))
     by_label = {lab: [r for r in results if r["label"] == lab] for lab in labels}
     base = {r["seed"]: r["test_acc"] for r in by_label.get(baseline, [])}
-    header = (["method", "seeds", "fused acc (%)", "macro-F1 (%)"] + [f"acc {m} (%)" for m in modalities]
+    alone = [lab for lab in labels if lab.startswith("alone:")]
+    # the reference single modality is the best on validation (test only reports)
+    best_alone = max(alone, key=lambda lab: mean_std([r["val_acc"] for r in by_label[lab]])[0]) if alone else None
+    tuned = any("tuned" in r for r in results)
+    best_val = any(r.get("selection") == "best_val" for r in results)
+    header = (["method", "seeds"] + (["tuned setting"] if tuned else []) + ["fused acc (%)"]
+              + (["last-epoch acc (%)"] if best_val else []) + ["macro-F1 (%)"] + [f"acc {m} (%)" for m in modalities]
               + [f"probe {m} (%)" for m in modalities] + ["epochs", f"cost × {baseline}", "s / epoch",
-                                                         f"Δ acc vs {baseline} (95% CI, paired)"])
+                                                         f"Δ acc vs {baseline} (95% CI, paired)"]
+              + ([f"Δ vs best alone ({best_alone[6:]})"] if best_alone else []))
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    base_known = [x for x in (encoder_passes(r) for r in by_label.get(baseline, [])) if x]
+    unequal = False
     for lab, rs in by_label.items():
-        cells = [lab, str(len(rs)), fmt_pct(*mean_std([r["test_acc"] for r in rs])),
-                 fmt_pct(*mean_std([r["test_macro_f1"] for r in rs]))]
+        cells = [lab, str(len(rs))]
+        if tuned:
+            cells.append(rs[0].get("tuned", "-"))
+        cells.append(fmt_pct(*mean_std([r["test_acc"] for r in rs])))
+        if best_val:
+            cells.append(fmt_pct(*mean_std([r.get("last_epoch_test_acc", float("nan")) for r in rs])))
+        cells.append(fmt_pct(*mean_std([r["test_macro_f1"] for r in rs])))
         for key in ("test_acc_by_modality", "probe_acc_by_modality"):
             for m in modalities:
                 vals = [r[key][m] for r in rs if m in r[key]]
                 cells.append(fmt_pct(*mean_std(vals)) if vals else "-")
         cells.append(str(rs[0]["epochs"]))
-        passes = [encoder_passes(r) for r in rs]
-        base_passes = [encoder_passes(r) for r in by_label.get(baseline, [])]
-        known, base_known = [x for x in passes if x], [x for x in base_passes if x]
-        cells.append(f"{(sum(known) / len(known)) / (sum(base_known) / len(base_known)):.2f}"
-                     if known and base_known else "-")
+        known = [x for x in (encoder_passes(r) for r in rs) if x]
+        ratio = (sum(known) / len(known)) / (sum(base_known) / len(base_known)) if known and base_known else float("nan")
+        cells.append("-" if math.isnan(ratio) else f"{ratio:.2f}")
         cells.append(f"{mean_std([r['seconds'] / max(1, r['epochs']) for r in rs])[0]:.1f}")
-        if lab == baseline or not base:
-            cells.append("-")
-        else:
-            diff, half, n = paired_difference({r["seed"]: r["test_acc"] for r in rs}, base)
-            cells.append(f"{100 * diff:+.1f} ± {100 * half:.1f} (n={n})" if n > 1 else
-                         (f"{100 * diff:+.1f} (n=1)" if n else "-"))
+        mark = " †" if ratio > 1.1 and not lab.startswith("alone:") else ""
+        unequal |= bool(mark)
+        cells.append("-" if lab == baseline or not base else _paired_cell(rs, base) + mark)
+        if best_alone:
+            cells.append("-" if lab.startswith("alone:") else
+                         _paired_cell(rs, {r["seed"]: r["test_acc"] for r in by_label[best_alone]}) + mark)
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     note = ("Mean ± standard deviation over seeds; test split evaluated once per run, on the epoch named in "
@@ -206,5 +276,19 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
             "Per-modality accuracy uses each run's estimator (results.csv `estimator`). Epochs: all stages. "
             f"Cost × {baseline}: counted encoder passes of the whole run (forward 1, backward 2, the method's "
             f"own no-grad passes included) relative to {baseline}; '-' where a run predates the counting.")
-    (out / "results.md").write_text(f"{table}\n\n{note}\n")
+    if unequal:
+        note += (f" †: not at equal compute — the row used more than 1.1 × the training passes of {baseline}, "
+                 f"so its Δ mixes the method with the extra budget.")
+    if tuned:
+        note += (" Tuned: each row is the setting picked on validation accuracy among its search space "
+                 "(tuning.md lists every setting); every row had the same number of trials.")
+    if best_alone:
+        note += (f" Best alone: the single-modality model with the highest mean validation accuracy ({best_alone}); "
+                 "a method that does not beat it has not earned its second modality.")
+    (out / f"{stem}.md").write_text(f"{table}\n\n{note}\n")
     return table
+
+
+def _paired_cell(rows: list[dict[str, Any]], reference: dict[int, float]) -> str:
+    diff, half, n = paired_difference({r["seed"]: r["test_acc"] for r in rows}, reference)
+    return f"{100 * diff:+.1f} ± {100 * half:.1f} (n={n})" if n > 1 else (f"{100 * diff:+.1f} (n=1)" if n else "-")

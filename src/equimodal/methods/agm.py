@@ -125,6 +125,9 @@ class AGM(Method):
     modifies_gradients = True
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"alpha": (1.5, 0.5, 1.0, 2.5)}
+
     def __init__(self, alpha: float = 1.5, cap: float | None = 10.0, empty_set: str = "paper",
                  padded_bn: str = "eval", level: str = "encoder", clip_grad: float | None = None,
                  modulation_starts: int = 0, modulation_ends: int | None = None) -> None:

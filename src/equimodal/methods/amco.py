@@ -85,6 +85,9 @@ class AMCo(Method):
     modifies_gradients = False
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"sigma": (0.5, 0.3, 0.7, 0.9)}
+
     def __init__(self, sigma: float = 0.5, eps: float = 0.3, schedule: str = "epoch") -> None:
         super().__init__()
         if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 < sigma < 1:

@@ -78,6 +78,9 @@ class ARL(Method):
     min_modalities = 2
     modifies_gradients = True
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"gamma": (4.0, 1.0, 2.0, 8.0)}
+
     def __init__(self, gamma: float = 4.0, temperature: float = 8.0, start: int = 5, entropy_floor: float = 0.3,
                  weights: str = "paper") -> None:
         super().__init__()

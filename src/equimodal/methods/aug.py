@@ -137,6 +137,9 @@ class AUG(Method):
 
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"check_every": (20, 2, 4, 8)}
+
     def __init__(self, lam: float = 0.5, sigma: float = 1.0, tau: float = 0.01, check_every: int = 20,
                  max_classifiers: int = 11, hidden: int = 256, merge_weights: list[float] | None = None,
                  layer1: str = "trained", ensemble: str = "logits", assign: str = "weaker",

@@ -102,6 +102,9 @@ class CML(Method):
     modifies_gradients = False
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"lam": (0.1, 0.03, 0.3, 1.0)}
+
     def __init__(self, lam: float = 0.1, subsets: str = "chain", penalty: str = "sum",
                  skip_corrected: bool = False) -> None:
         super().__init__()

@@ -113,6 +113,9 @@ class DIMML(Method):
 
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"weight": (1.0, 0.3, 3.0, 10.0)}
+
     def __init__(self, weight: float = 1.0, temperature: float = 50.0, dim_epoch: int = 4,
                  mix_temperature: float = 1.0, detached_epochs: int | None = None, fusion_epochs: int | None = None,
                  eval_batch_size: int = 256) -> None:

@@ -43,6 +43,9 @@ class Distill(Method):
 
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"weight": (0.5, 0.2, 0.8, 1.0)}
+
     def __init__(self, teacher: str = "auto", temperature: float = 4.0, weight: float = 0.5, align: float = 0.0,
                  fuse: str = "frozen", reinit_student: bool = True, teacher_epochs: int | None = None,
                  student_epochs: int | None = None, fuse_epochs: int | None = None) -> None:

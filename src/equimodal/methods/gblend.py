@@ -107,6 +107,9 @@ class GradientBlending(Method):
 
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"super_epoch": (10, 2, 4, 6)}
+
     def __init__(self, mode: str = "online", super_epoch: int = 10, holdout_fraction: float = 0.08,
                  formula: str = "delta", min_overfit: float = 1e-2, train_fraction: float = 1.0,
                  batch_size: int = 64, eval_batch_size: int = 256) -> None:

@@ -114,6 +114,9 @@ class InfoReg(Method):
     modifies_gradients = True
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"scale": (0.95, 0.8, 0.9, 0.99)}
+
     def __init__(self, scale: float = 0.95, scale_by_modality: dict | None = None, threshold: float = 0.05,
                  window: int = 10, pad: str = "zeros", window_from: str = DOMINANT) -> None:
         super().__init__()

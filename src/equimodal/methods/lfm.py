@@ -118,6 +118,9 @@ class LFM(Method):
 
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"alpha_align": (0.95, 0.5, 0.8, 0.99)}
+
     def __init__(self, schedule: str = "heuristic", alpha_align: float = 0.95, divergence: str = "js",
                  schedule_epochs: int = HEURISTIC_EPOCHS, lr_alpha: float = 1e-4, lr_alpha_halve_every: int = 20,
                  alpha_batch: str = "val", alpha_batch_size: int = 8, hypergradient: str = "unrolled") -> None:

@@ -145,6 +145,9 @@ class MIDAS(Method):
 
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"warmup_epochs": (10, 1, 3, 6)}
+
     def __init__(self, warmup_epochs: int = 10, lam: float = 1.0, eta: float = 0.05,
                  partner: str = "different_label", alpha_rule: str = "paper", alpha_max: float | None = None,
                  hard_weight: bool = True, uni_reduction: str = "sum") -> None:

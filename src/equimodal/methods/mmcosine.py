@@ -52,6 +52,9 @@ class MMCosine(Method):
 
     min_modalities = 1
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"scaling": (15.0, 5.0, 10.0, 30.0)}
+
     def __init__(self, scaling: float = 15.0) -> None:
         super().__init__()
         ok = isinstance(scaling, (int, float)) and not isinstance(scaling, bool) and math.isfinite(scaling)

@@ -86,6 +86,9 @@ class MMPareto(Method):
     modifies_gradients = True
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"gamma": (1.5, 1.0, 2.0, 3.0)}
+
     def __init__(self, gamma: float = 1.5, rescale: bool = True) -> None:
         super().__init__()
         if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or gamma <= 0:

@@ -45,6 +45,9 @@ class ModalityDropout(FeatureMaskingMethod):
     but unused in the loss); no extra backward, no collective. Hooks: setup, loss, before_step, log.
     """
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"p": (0.3, 0.1, 0.2, 0.5)}
+
     def __init__(self, p: float = 0.3, rescale: bool = False) -> None:
         super().__init__()
         if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 <= p < 1:

@@ -31,6 +31,9 @@ class OGMBoost(OGMGE):
     own rho. Hooks: those of ``ogm-ge``.
     """
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"alpha": (0.8, 0.1, 0.3, 0.5)}
+
     def __init__(self, alpha: float = 0.8, mode: str = "boost", noise: str = "none", beta: float = 1.0,
                  fixed_factor: float = 4.0, params: str = "conv", modulation_starts: int = 0,
                  modulation_ends: int = 50, level: str = "gradient") -> None:

@@ -60,6 +60,9 @@ class OGMGE(Method):
     modifies_gradients = True
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"alpha": (0.8, 0.1, 0.3, 0.5)}
+
     def __init__(self, alpha: float = 0.8, params: str = "conv", modulation_starts: int = 0,
                  modulation_ends: int = 50, coefficient: str = "paper", level: str = "gradient",
                  ge: bool = True) -> None:

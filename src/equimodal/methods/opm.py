@@ -61,6 +61,9 @@ class OPM(FeatureMaskingMethod):
 
     needs_unimodal_logits = True
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"alpha": (0.5, 0.1, 0.3, 0.8)}
+
     def __init__(self, alpha: float = 0.5, p_exe: float = 0.7, q_base: float = 0.4, modulation_starts: int = 0,
                  modulation_ends: int | None = None, ratio: str = "mean") -> None:
         super().__init__()

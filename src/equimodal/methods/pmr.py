@@ -83,6 +83,9 @@ class PMR(Method):
 
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"alpha": (2.0, 0.5, 1.0, 4.0)}
+
     def __init__(self, alpha: float = 2.0, momentum: float = 0.2, modulation_starts: int = 0,
                  modulation_ends: int = 70, proto_fraction: float = 0.1, proto_batch_size: int = 64,
                  entropy_weight: float = 0.0, entropy_epochs: int = 10) -> None:

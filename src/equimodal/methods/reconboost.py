@@ -75,6 +75,9 @@ class ReconBoost(Method):
 
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"alpha": (0.5, 0.25, 1.0, 2.0)}
+
     def __init__(self, rounds: int = 6, epochs_per_stage: int = 1, correct_epochs: int = 1, weight1: float = 5.0,
                  weight2: float = 1.0, alpha: float = 0.5, boost_rate: float = 1.0, ga_gradient: bool = True,
                  class_mean: bool = False, shared_head: bool = False) -> None:

@@ -150,6 +150,9 @@ class Relearn(Method):
 
     min_modalities = 1
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"reinit_epoch": (20, 2, 4, 6)}
+
     def __init__(self, move_lambda: float = 3.0, reinit_epoch: int = 20, reinit_num: int = 3,
                  kmeans_restarts: int = 10, kmeans_iters: int = 300) -> None:
         super().__init__()

@@ -96,6 +96,9 @@ class Remix(Method):
 
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"warmup_epochs": (10, 2, 4, 6)}
+
     def __init__(self, warmup_epochs: int = 10, warmup_weight: float = 0.5, gamma: float = 1.0,
                  estimate: str = "heads", eval_batch_size: int = 256) -> None:
         super().__init__()

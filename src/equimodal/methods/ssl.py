@@ -41,6 +41,9 @@ class SSL(Method):
 
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"temperature": (0.1, 0.05, 0.2, 0.5)}
+
     def __init__(self, then: str = "joint", then_options: dict | None = None, temperature: float = 0.1,
                  projection_dim: int = 64, pretrain_epochs: int | None = None) -> None:
         super().__init__()

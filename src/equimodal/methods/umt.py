@@ -57,6 +57,9 @@ class UMT(UnimodalTeachers):
     log_stage, state_dict.
     """
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"weight": (10.0, 1.0, 3.0, 30.0)}
+
     def __init__(self, weight: float = 10.0, reinit: bool = True, teacher_epochs: int | None = None,
                  student_epochs: int | None = None) -> None:
         super().__init__(teacher_epochs=teacher_epochs)

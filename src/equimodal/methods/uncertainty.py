@@ -51,6 +51,9 @@ class Uncertainty(Method):
     needs_unimodal_logits = False
     min_modalities = 1
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"max_weight": (1.0, 0.5, 2.0, 4.0)}
+
     def __init__(self, learn_weights: bool = True, modulation: str = "none", alpha: float = 0.8,
                  params: str = "conv", max_weight: float = 1.0, weight_lr_scale: float = 1.0,
                  plain_optimizer: bool = False) -> None:

@@ -196,6 +196,9 @@ class ModalityValuation(Method):
 
     min_modalities = 2
 
+    #: what ``bench --tune`` tries (the default first)
+    search_space = {"alpha": (1.0, 0.5, 2.0, 4.0)}
+
     def __init__(self, level: str = "sample", warmup_epochs: int = 5, part_ratio: float = 0.2, alpha: float = 1.0,
                  func: str = "linear", drop: str = "features", eval_batch_size: int = 256) -> None:
         super().__init__()

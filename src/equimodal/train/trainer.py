@@ -69,6 +69,23 @@ def build_model(model_cfg: dict, splits: DataSplits) -> MultimodalModel:
     return MultimodalModel(encoders, splits.num_classes, fusion=model_cfg["fusion"], estimator=model_cfg["estimator"])
 
 
+def share_budget(stage_epochs: list[int], budget: int) -> list[int]:
+    """Stage lengths rescaled to sum to ``budget`` epochs (``train.stage_budget: shared``), in
+    proportion to the method's own lengths, each at least 1 (largest remainders get the rounding),
+    so that a multi-stage method trains as many epochs in all as a single-stage one."""
+    if budget < len(stage_epochs):
+        raise ConfigError(f"train.stage_budget=shared: train.epochs={budget} cannot hold {len(stage_epochs)} stages "
+                          "of at least one epoch each; raise train.epochs")
+    total = sum(stage_epochs)
+    spare = budget - len(stage_epochs)  # one epoch per stage first, the rest in proportion
+    exact = [spare * e / total for e in stage_epochs]
+    out = [1 + int(x) for x in exact]
+    by_remainder = sorted(range(len(out)), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    for i in by_remainder[:budget - sum(out)]:
+        out[i] += 1
+    return out
+
+
 def build_optimizer(optim_cfg: dict, model: MultimodalModel, method: Method) -> torch.optim.Optimizer:
     """One parameter group per encoder (tagged ``modality``) and one for the head; a method adds a
     group for its own parameters in ``setup`` (``Method.attach_parameters``)."""
@@ -250,6 +267,9 @@ class Trainer:
         # the plan: (stage name, method that runs it, epochs); one supervised stage for most methods
         self.plan = [(st.name, st.method or self.method, st.epochs if st.epochs is not None else t["epochs"])
                      for st in self.method.stages()]
+        if t.get("stage_budget", "each") == "shared":
+            self.plan = [(n, m, e) for (n, m, _), e in zip(self.plan, share_budget([e for _, _, e in self.plan],
+                                                                                   t["epochs"]))]
         self.holdout = self._carve_holdout(max(m.holdout_fraction for _, m, _ in self.plan))
         self.total_epochs = sum(e for _, _, e in self.plan)
         self.epoch = 0  # global epoch, across stages
