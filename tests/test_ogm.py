@@ -216,3 +216,18 @@ def test_needs_two_modalities():
 def test_bad_options_are_named(bad):
     with pytest.raises(ValueError, match=list(bad)[-1].split("_")[0]):
         build_method("ogm-ge", **bad)
+
+
+def test_the_three_n_modality_ratio_rules_by_hand_and_equal_for_two():
+    from equimodal.methods._scores import discrepancy_ratios
+    s = torch.tensor([4.0, 2.0, 1.0])
+    assert discrepancy_ratios(s, "mean").tolist() == pytest.approx([4 / 1.5, 2 / 2.5, 1 / 3.0])
+    assert discrepancy_ratios(s, "min").tolist() == pytest.approx([4.0, 2.0, 1.0])
+    assert discrepancy_ratios(s, "pairwise").tolist() == pytest.approx([(4 / 2 + 4 / 1) / 2, (2 / 4 + 2 / 1) / 2,
+                                                                        (1 / 4 + 1 / 2) / 2])
+    two = torch.tensor([3.0, 2.0])  # two modalities: the same coefficients under every rule (the weaker keeps 1)
+    for rule in ("mean", "min", "pairwise"):
+        k = ogm_coefficients(discrepancy_ratios(two, rule), alpha=0.8)
+        assert k.tolist() == pytest.approx([1 - math.tanh(0.8 * 1.5), 1.0])
+    with pytest.raises(ValueError, match="ratio"):
+        build_method("ogm-ge", ratio="median")

@@ -17,13 +17,28 @@ def true_class_scores(unimodal_logits: dict[str, torch.Tensor], targets: torch.T
     return p.gather(-1, idx).squeeze(-1).sum(dim=1)
 
 
-def discrepancy_ratios(scores: torch.Tensor) -> torch.Tensor:
-    """rho_u = s_u / mean_{v != u} s_v (for two modalities: s_a / s_v and s_v / s_a, the paper's)."""
+#: N-modality ratio rules (peers.md B0); all equal the paper's s_a / s_v for two modalities
+RATIO_RULES = ("mean", "min", "pairwise")
+
+
+def discrepancy_ratios(scores: torch.Tensor, rule: str = "mean") -> torch.Tensor:
+    """rho_u = s_u / mean_{v != u} s_v (``mean``, ours; for two modalities: s_a / s_v and s_v / s_a,
+    the paper's); ``min``: s_u / min_v s_v (BalanceMM's first variant: the weakest gets 1);
+    ``pairwise``: mean over v != u of s_u / s_v (BalanceMM's second variant, without its bug of
+    averaging only the last modality)."""
     n = scores.numel()
     if n < 2:
         raise ValueError("a discrepancy ratio needs at least two modalities")
-    others_mean = (scores.sum() - scores) / (n - 1)
-    return scores / others_mean.clamp_min(torch.finfo(scores.dtype).tiny)
+    tiny = torch.finfo(scores.dtype).tiny
+    if rule == "mean":
+        others_mean = (scores.sum() - scores) / (n - 1)
+        return scores / others_mean.clamp_min(tiny)
+    if rule == "min":
+        return scores / scores.min().clamp_min(tiny)
+    if rule == "pairwise":
+        inverse_others = (1 / scores.clamp_min(tiny)).sum() - 1 / scores.clamp_min(tiny)
+        return scores * inverse_others / (n - 1)
+    raise ValueError(f"unknown ratio rule {rule!r}; choose one of {list(RATIO_RULES)}")
 
 
 def ogm_coefficients(ratios: torch.Tensor, alpha: float, form: str = "paper") -> torch.Tensor:

@@ -11,7 +11,7 @@ from .._dist import all_reduce_sum
 from ..models.multimodal import ModelOutput
 from ._base import Method, unwrap
 from ._registry import register_method
-from ._scores import discrepancy_ratios, ogm_coefficients, trace_means, true_class_scores
+from ._scores import RATIO_RULES, discrepancy_ratios, ogm_coefficients, trace_means, true_class_scores
 
 _PARAMS = ("conv", "all")
 _LEVELS = ("gradient", "update")
@@ -45,7 +45,9 @@ class OGMGE(Method):
     Options: alpha (0.8, the paper's CREMA-D value; 0.1 for VGGSound), params ("conv": conv weights
     only, the paper's default | "all"), modulation_starts/ends (0, 50, both inclusive), coefficient
     ("paper" | "continuous"), level ("gradient", the paper's | "update": scale the modality's step
-    instead, ours, for Adam/AdamW where a scaled gradient barely changes the step), ge.
+    instead, ours, for Adam/AdamW where a scaled gradient barely changes the step), ge, ratio
+    (N-modality rule, peers.md B0: "mean" = s_u over the mean of the others, ours | "min" = s_u over
+    the smallest score | "pairwise" = mean of s_u / s_v over v != u; all equal the paper's for two).
 
     Differences from the official code (GeWu-Lab/OGM-GE_CVPR2022): any number of modalities (the
     N-modality ratio, which reduces to the paper's for two); parameters chosen by module type, not
@@ -65,12 +67,12 @@ class OGMGE(Method):
 
     def __init__(self, alpha: float = 0.8, params: str = "conv", modulation_starts: int = 0,
                  modulation_ends: int = 50, coefficient: str = "paper", level: str = "gradient",
-                 ge: bool = True) -> None:
+                 ge: bool = True, ratio: str = "mean") -> None:
         super().__init__()
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha < 0:
             raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
         for key, value, allowed in (("params", params, _PARAMS), ("coefficient", coefficient, _FORMS),
-                                    ("level", level, _LEVELS)):
+                                    ("level", level, _LEVELS), ("ratio", ratio, RATIO_RULES)):
             if value not in allowed:
                 raise ValueError(f"{key} must be one of {list(allowed)}, got {value!r}")
         if int(modulation_ends) < int(modulation_starts):
@@ -80,6 +82,7 @@ class OGMGE(Method):
         self.modulation_starts = int(modulation_starts)
         self.modulation_ends = int(modulation_ends)
         self.coefficient = coefficient
+        self.ratio = ratio
         self.level = level
         self.ge = bool(ge)
         self.step = 0
@@ -140,7 +143,7 @@ class OGMGE(Method):
         stats = all_reduce_sum(self._stats)
         self._stats = None
         n = len(self._modalities)
-        rho = discrepancy_ratios(stats[:n])
+        rho = discrepancy_ratios(stats[:n], self.ratio)
         k = self.coefficients(rho)
         self.last_ratios, self.last_coefficients = rho, k
         row = torch.cat([rho, k, rho.new_ones(1)])
@@ -227,6 +230,8 @@ class OGM(OGMGE):
     """
 
     def __init__(self, alpha: float = 0.8, params: str = "conv", modulation_starts: int = 0,
-                 modulation_ends: int = 50, coefficient: str = "paper", level: str = "gradient") -> None:
+                 modulation_ends: int = 50, coefficient: str = "paper", level: str = "gradient",
+                 ratio: str = "mean") -> None:
         super().__init__(alpha=alpha, params=params, modulation_starts=modulation_starts,
-                         modulation_ends=modulation_ends, coefficient=coefficient, level=level, ge=False)
+                         modulation_ends=modulation_ends, coefficient=coefficient, level=level, ge=False,
+                         ratio=ratio)
