@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Issue 9's fair grids: equal tuning (bench --tune: each row tries its search space, or 4 learning
+# rates for joint and the single-modality rows; picked on validation), equal epochs
+# (--equal-epochs: multi-stage methods share train.epochs), 3 seeds, every modality alone as the
+# reference. Resumable: rerun to continue (finished cells are reused if their config matches).
+#   GRID=mfeat        the 6 views of UCI mfeat: joint, alone x6, OGM-GE with the N-modality
+#                     coefficient forms and ratio rules, the four proposals
+#   GRID=mfeat-hard   the four weakest views (fou, kar, mor, zer), same rows
+#   GRID=mfeat-peers  every other method supporting N modalities on the 6 views, tuned
+#   GRID=avdigits     AV-Digits: joint, alone x2, OGM-GE, the four proposals, the best peers
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OURS="joint,ogm-ge,ogm-ge:coefficient=continuous,ogm-ge:ratio=min,ogm-ge:ratio=pairwise,ogm-boost,uncertainty,distill,ssl"
+case "${GRID:?set GRID}" in
+  mfeat)       dataset=mfeat; methods="$OURS"; extra=() ;;
+  mfeat-hard)  dataset=mfeat; methods="$OURS"; extra=(--set "data.modalities=[fou,kar,mor,zer]") ;;
+  mfeat-peers) dataset=mfeat; extra=()
+               methods="joint,modality-dropout,opm,gblend,agm,pmr,mmpareto,mslr,mmcosine,mbsd,cml,amco,mla,umt,ume,reconboost,relearn,inforeg,lfm,dimml,valuation,remix,arl,aug,midas" ;;
+  avdigits)    dataset=avdigits; extra=()
+               methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl,mmpareto,mbsd,mmcosine,dimml" ;;
+  *) echo "unknown GRID=$GRID" >&2; exit 2 ;;
+esac
+out="docs/results/${GRID}"
+start=$(date +%s)
+status=0
+equimodal bench --dataset "$dataset" --methods "$methods" --seeds 0,1,2 --out "$out" --tune --equal-epochs \
+  --alone --no-progress "${extra[@]}" || status=$?
+end=$(date +%s)
+{
+  echo
+  echo "Ran: \`GRID=$GRID bash benchmarks/fair_grid.sh\` ($(date -u +%Y-%m-%d), $((end - start)) s wall for the runs"
+  echo "not reused), on $(nproc) CPU cores ($(uname -m)), torch $(python -c 'import torch; print(torch.__version__)'),"
+  echo "with other jobs sharing the CPU, so s / epoch is indicative only. Exit status $status."
+} | tee -a "$out/results.md" >> "$out/tuning.md"
+exit $status
