@@ -59,27 +59,33 @@ def test_bench_rejects_a_bad_method_option_before_training(tmp_path, capsys):
     assert not (tmp_path / "b" / "runs").exists()
 
 
-def test_diagnose_reports_per_modality_gap_ratio_trace_and_verdict(tmp_path, tiny_overrides, capsys):
+def test_diagnose_reports_per_modality_gap_ratio_trace_and_verdict_from_validation(tmp_path, tiny_overrides, capsys):
     out = tmp_path / "diag"
-    args = ["diagnose", "--dataset", "synthetic", "--out", str(out), "--seeds", "0"]
+    args = ["diagnose", "--dataset", "synthetic", "--out", str(out), "--seeds", "0", "--compare", "mmcosine"]
     for o in tiny_overrides:
         args += ["--set", o]
     assert main(args) == 0
     text = (out / "diagnosis.txt").read_text()
     import json
     from pathlib import Path
-    alone = json.loads(next((out / "runs").glob("alone_audio-seed0")).joinpath("summary.json").read_text())
-    joint = json.loads(next((out / "runs").glob("ogm*seed0")).joinpath("summary.json").read_text())
+    alone = json.loads((out / "runs" / "alone_audio-seed0" / "summary.json").read_text())
+    joint = json.loads((out / "runs" / "joint-observed-seed0" / "summary.json").read_text())
     audio_line = next(line for line in text.splitlines() if line.startswith("audio"))
-    assert f"{100 * alone['probe_acc_by_modality']['audio']:.1f}" in audio_line
-    assert f"{100 * joint['probe_acc_by_modality']['audio']:.1f}" in audio_line
-    gap = alone["probe_acc_by_modality"]["audio"] - joint["probe_acc_by_modality"]["audio"]
-    verdict = text.strip().splitlines()[-1]
+    # validation probes (the verdict's evidence), not the test ones
+    assert f"{100 * alone['probe_val_acc_by_modality']['audio']:.1f}" in audio_line
+    assert f"{100 * joint['probe_val_acc_by_modality']['audio']:.1f}" in audio_line
+    assert "(1 seed)" in audio_line and "± 0.0" not in text and "ogm:params" not in text
+    gap = alone["probe_val_acc_by_modality"]["audio"] - joint["probe_val_acc_by_modality"]["audio"]
+    verdict = next(line for line in text.splitlines() if line.startswith(("IMBALANCED", "NOT IMBALANCED")))
+    assert "no spread is known" in verdict
     if gap > 0.02:  # a gap above the threshold (one seed: no spread) must be called out
         assert verdict.startswith("IMBALANCED") and "audio" in verdict
+    assert "joint (observed)" in text and "mmcosine" in text and "RECOMMENDATION:" in text
+    mm = json.loads((out / "runs" / "mmcosine-seed0" / "summary.json").read_text())
+    best = "mmcosine" if mm["val_acc"] > joint["val_acc"] else "plain joint training"
+    assert text.strip().splitlines()[-1].startswith(f"RECOMMENDATION: {best}")
     assert (out / "diagnosis.png").stat().st_size > 5000
-    joint_hist = Path(next((out / "runs").glob("ogm*seed0"))) / "metrics.jsonl"
-    rec = json.loads(joint_hist.read_text().splitlines()[-1])
+    rec = json.loads((out / "runs" / "joint-observed-seed0" / "metrics.jsonl").read_text().splitlines()[-1])
     assert "rho/audio" in rec and rec["k/audio"] <= 1  # ratios observed, never applied (window closed)
 
 

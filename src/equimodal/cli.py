@@ -220,8 +220,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + (["train.progress=false"] if args.no_progress else [])
     try:
+        compare = None
+        if args.compare is not None:
+            from .analysis.diagnose import DEFAULT_SHORTLIST
+            compare = [m.strip() for m in (args.compare or ",".join(DEFAULT_SHORTLIST)).split(",") if m.strip()]
         report = diagnose(args.dataset, args.out, [int(s) for s in args.seeds.split(",")], overrides,
-                          threshold=args.threshold)
+                          threshold=args.threshold, compare=compare)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -298,7 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("diagnose", help="is my model imbalanced? each modality alone vs joint, same budget")
     p.add_argument("--dataset", default="synthetic")
-    p.add_argument("--seeds", default="0")
+    p.add_argument("--seeds", default="0,1,2", help="3 by default: with one seed no spread is known")
+    p.add_argument("--compare", nargs="?", const="", metavar="METHODS",
+                   help="also compare these methods with joint at the same budget and recommend one on validation "
+                        "(no value: the default shortlist)")
     p.add_argument("--out", default="diagnosis")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="model and training options, e.g. --set model.fusion=film")

@@ -10,6 +10,7 @@ import csv
 import itertools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -71,12 +72,18 @@ def tuning_settings(spec: str, base_lr: float) -> list[str]:
     return [spec] + [spec + "".join(f":{k}={v}" for k, v in zip(space, c)) for c in combos[1:]]
 
 
-def plan_grid(dataset: str, methods: list[str], seeds: list[int], out: Path, overrides: list[str]) -> list[BenchRun]:
+def plan_grid(dataset: str, methods: list[str], seeds: list[int], out: Path, overrides: list[str],
+              aliases: dict[str, str] | None = None) -> list[BenchRun]:
+    """One run per (method spec, seed); ``aliases`` give a spec a readable label (and folder name)."""
     runs = []
     for spec in methods:
         label, extra = parse_method_spec(spec)
+        name = label.replace(':', '_').replace('=', '-')
+        if aliases and spec in aliases:
+            label = aliases[spec]
+            name = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-")
         for seed in seeds:
-            folder = out / "runs" / f"{label.replace(':', '_').replace('=', '-')}-seed{seed}"
+            folder = out / "runs" / f"{name}-seed{seed}"
             runs.append(BenchRun(label, seed, [f"data.name={dataset}", *overrides, *extra, f"train.seed={seed}",
                                                f"train.out={folder}"], folder))
     for run in runs:  # check every config before training anything
@@ -123,7 +130,8 @@ def check_reusable(run: BenchRun, cfg: dict) -> None:
 
 
 def run_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path, overrides: list[str] | None = None,
-             echo: Callable[[str], None] = print, progress: bool = False) -> GridResults:
+             echo: Callable[[str], None] = print, progress: bool = False,
+             aliases: dict[str, str] | None = None) -> GridResults:
     """Run (or reuse) every (method, seed) and return their summaries with their label and history.
 
     A finished run is reused, an interrupted one resumed, only if its stored config equals the
@@ -136,7 +144,7 @@ def run_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path
     if not is_main_process():
         echo = lambda text: None  # noqa: E731 - only rank 0 prints
     base = list(overrides or []) + [f"train.progress={'true' if progress else 'false'}"]
-    runs = plan_grid(dataset, methods, seeds, out, base)
+    runs = plan_grid(dataset, methods, seeds, out, base, aliases)
     configs = [load_config(overrides=run.overrides) for run in runs]
     for run, cfg in zip(runs, configs):
         check_reusable(run, cfg)
