@@ -74,3 +74,25 @@ def test_a_multi_stage_method_trains_the_same_epochs_in_all_under_a_shared_budge
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((tmp_path / "summary.json").read_text())["cost"]["stage_epochs"] == {
         "teacher": 1, "student": 1, "fuse": 1}
+
+
+def test_bench_tune_with_tuning_seeds_runs_each_pick_with_every_seed(tmp_path, capsys):
+    from equimodal.cli import main
+    out = tmp_path / "tuned"
+    args = ["bench", "--dataset", "synthetic", "--methods", "joint,ogm-ge", "--seeds", "0,1", "--tune",
+            "--tune-seeds", "0", "--out", str(out), "--no-progress"]
+    for o in ["data.n_train=200", "data.n_test=100", "model.width=8", "train.epochs=1", "train.probe=false"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len([r for r in runs if r.endswith("seed0")]) == 8  # 4 settings x 2 rows, tuning seed only
+    tuning = (out / "tuning.md").read_text()
+    picks = [line.split("|")[2].strip() for line in tuning.splitlines() if "**yes**" in line]
+    assert len(picks) == 2
+    table = (out / "results.md").read_text()
+    for row, pick in zip(("joint", "ogm-ge"), picks):
+        line = next(x for x in table.splitlines() if x.startswith(f"| {row} |"))
+        assert f"| 2 | {pick if pick != '(default)' else 'default'} |" in line  # both seeds of the pick
+    assert main(["bench", "--dataset", "synthetic", "--methods", "joint", "--seeds", "0", "--tune",
+                 "--tune-seeds", "5", "--out", str(out)]) == 2
+    assert "--tune-seeds [5] must be among --seeds [0]" in capsys.readouterr().err

@@ -178,7 +178,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .analysis.plots import all_plots
     from .config import ConfigError, load_config
 
+    from ._dist import is_main_process
+
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = Path(args.out)
     overrides = list(args.overrides) + (["train.stage_budget=shared"] if args.equal_epochs else [])
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -187,26 +190,39 @@ def cmd_bench(args: argparse.Namespace) -> int:
             methods += [f"alone:{m}" for m in cfg["data"]["modalities"]]
         settings = {spec: (tuning_settings(spec, cfg["optim"]["lr"]) if args.tune else [spec]) for spec in methods}
         grid = list(dict.fromkeys(sp for specs in settings.values() for sp in specs))
-        results = run_grid(args.dataset, grid, seeds, args.out, overrides, progress=not args.no_progress)
+        tune_seeds = [int(s) for s in args.tune_seeds.split(",") if s.strip()] if args.tune_seeds else seeds
+        if args.tune and not set(tune_seeds) <= set(seeds):
+            raise ConfigError(f"--tune-seeds {tune_seeds} must be among --seeds {seeds}")
+        progress = not args.no_progress
+        results = run_grid(args.dataset, grid, tune_seeds if args.tune else seeds, args.out, overrides, progress=progress)
+        failures = list(results.failures)
+        if args.tune and results:  # every rank picks the same (from the same files) and runs the same
+            picked = pick_tuned(results, settings, args.out)
+            if tune_seeds != seeds:  # the picked settings, now with every seed (the tuning runs are reused)
+                specs = list(dict.fromkeys(r["tuned_spec"] for r in picked))
+                final = run_grid(args.dataset, specs, seeds, args.out, overrides, progress=progress)
+                failures += final.failures
+                choice = {r["tuned_spec"]: (r["label"], r["tuned"]) for r in picked}
+                picked = [{**r, "label": choice[r["label"]][0], "tuned": choice[r["label"]][1]} for r in final]
+            elif is_main_process():
+                summarise([r for r in results if r["label"] in settings], out, baseline=args.baseline,
+                          stem="results_default")
+                print(f"wrote {out / 'results_default.md'} (every row at its defaults, untuned)")
+            if is_main_process():
+                print(f"wrote {out / 'tuning.md'} (every setting, the picks)")
+            results = picked
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    from ._dist import is_main_process
-    failures = results.failures
     if not is_main_process():  # torchrun: every rank trained; rank 0 reports
         return 1 if failures else 0
-    if results and args.tune:
-        defaults = [r for r in results if r["label"] in settings]
-        summarise(defaults, out, baseline=args.baseline, stem="results_default")
-        results = pick_tuned(results, settings, out)
-        print(f"wrote {out / 'tuning.md'} (every setting) and {out / 'results_default.md'} (defaults, untuned)")
     if results:
         print(summarise(results, out, baseline=args.baseline))
         for path in all_plots(results, out):
             print(f"wrote {path}")
         print(f"wrote {out / 'results.csv'} and {out / 'results.md'}")
     if failures:
+        (out / "failures.json").write_text(json.dumps(failures, indent=2))  # every phase's, together
         print(f"error: {len(failures)} run(s) failed (details in {out / 'failures.json'}):", file=sys.stderr)
         for f in failures:
             print(f"  {f['label']} seed {f['seed']}: {f['error']}", file=sys.stderr)
@@ -297,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="joint", help="the row the paired differences are taken against")
     p.add_argument("--tune", action="store_true",
                    help="try each row's search space (or 4 learning rates), pick on validation, report the pick")
+    p.add_argument("--tune-seeds", metavar="SEEDS",
+                   help="with --tune: try the settings with these seeds only, then run each pick with every "
+                        "seed (default: all of --seeds)")
     p.add_argument("--equal-epochs", action="store_true",
                    help="multi-stage methods share train.epochs over their stages (train.stage_budget=shared)")
     p.add_argument("--no-progress", action="store_true")

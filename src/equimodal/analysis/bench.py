@@ -201,10 +201,11 @@ def pick_tuned(results: list[dict[str, Any]], settings: dict[str, list[str]], ou
             lines.append(f"| {row} | {shown} | {len(rs)} | {fmt_pct(*mean_std([r['val_acc'] for r in rs]))} | "
                          f"{fmt_pct(*mean_std([r['test_acc'] for r in rs]))} | {'**yes**' if sp == best else ''} |")
         choice = best[len(row):].lstrip(":") or "default"
-        picked += [{**r, "label": row, "tuned": choice} for r in by_label[best]]
-    note = ("Each row's settings, run with every seed; the pick maximises the mean validation accuracy "
+        picked += [{**r, "label": row, "tuned": choice, "tuned_spec": best} for r in by_label[best]]
+    note = (f"Each row's settings, run with seed(s) {seeds}; the pick maximises the mean validation accuracy "
             "(validation carved from the training data); the test column is shown for the record only.")
-    (Path(out) / "tuning.md").write_text("\n".join(lines) + f"\n\n{note}\n")
+    if is_main_process():
+        (Path(out) / "tuning.md").write_text("\n".join(lines) + f"\n\n{note}\n")
     return picked
 
 
