@@ -7,7 +7,7 @@
 #                     coefficient forms and ratio rules, the four proposals
 #   GRID=mfeat-hard   the four weakest views (fou, kar, mor, zer), same rows
 #   GRID=mfeat-peers  every other method supporting N modalities on the 6 views, tuned
-#   GRID=avdigits     AV-Digits: joint, alone x2, OGM-GE, the four proposals, the best peers
+#   GRID=avdigits-fair AV-Digits: joint, alone x2, OGM-GE, the four proposals, the best peers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # mfeat's encoders are MLPs: the OGM family modulates all their parameters (params=all; the
@@ -19,7 +19,7 @@ case "${GRID:?set GRID}" in
   mfeat-hard)  dataset=mfeat; methods="$OURS"; extra=(--set "data.modalities=[fou,kar,mor,zer]") ;;
   mfeat-peers) dataset=mfeat; extra=()
                methods="joint,modality-dropout,opm,gblend,agm,pmr,mmpareto,mslr,mmcosine,mbsd,cml,amco,mla,umt,ume,reconboost,relearn,inforeg,lfm,dimml,valuation,remix,arl,aug,midas" ;;
-  avdigits)    dataset=avdigits; extra=()
+  avdigits-fair) dataset=avdigits; extra=()
                methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl" ;;
   *) echo "unknown GRID=$GRID" >&2; exit 2 ;;
 esac
