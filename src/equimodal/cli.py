@@ -194,14 +194,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.tune and not set(tune_seeds) <= set(seeds):
             raise ConfigError(f"--tune-seeds {tune_seeds} must be among --seeds {seeds}")
         progress = not args.no_progress
-        results = run_grid(args.dataset, grid, tune_seeds if args.tune else seeds, args.out, overrides, progress=progress)
-        failures = list(results.failures)
+        if args.jobs < 1:
+            raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+        if args.plan:
+            return _print_plan(args, grid, tune_seeds if args.tune else seeds, overrides)
+        grid_opts = {"progress": progress, "jobs": args.jobs, "collect_only": args.collect,
+                     "devices": [d for d in (args.devices or "").split(",") if d] or None}
+        results = run_grid(args.dataset, grid, tune_seeds if args.tune else seeds, args.out, overrides, **grid_opts)
+        failures, missing = list(results.failures), list(results.missing)
         if args.tune and results:  # every rank picks the same (from the same files) and runs the same
             picked = pick_tuned(results, settings, args.out)
             if tune_seeds != seeds:  # the picked settings, now with every seed (the tuning runs are reused)
                 specs = list(dict.fromkeys(r["tuned_spec"] for r in picked))
-                final = run_grid(args.dataset, specs, seeds, args.out, overrides, progress=progress)
+                final = run_grid(args.dataset, specs, seeds, args.out, overrides, **grid_opts)
                 failures += final.failures
+                missing += final.missing
                 choice = {r["tuned_spec"]: (r["label"], r["tuned"]) for r in picked}
                 picked = [{**r, "label": choice[r["label"]][0], "tuned": choice[r["label"]][1]} for r in final]
             elif is_main_process():
@@ -216,6 +223,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 2
     if not is_main_process():  # torchrun: every rank trained; rank 0 reports
         return 1 if failures else 0
+    if args.collect and missing:
+        print(f"not finished yet ({len(missing)} cell(s); the tables use the others):")
+        for run in missing:
+            print(f"  {run.label} seed {run.seed}: {run.folder}")
     if results:
         print(summarise(results, out, baseline=args.baseline))
         for path in all_plots(results, out):
@@ -227,6 +238,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for f in failures:
             print(f"  {f['label']} seed {f['seed']}: {f['error']}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _print_plan(args: argparse.Namespace, grid: list[str], seeds: list[int], overrides: list[str]) -> int:
+    """One self-contained command per unfinished cell (for a job array); ``--collect`` then builds
+    the tables from the run folders."""
+    import shlex
+
+    from .analysis.bench import cell_command, check_reusable, plan_grid
+    from .config import load_config
+
+    runs = plan_grid(args.dataset, grid, seeds, Path(args.out), [*overrides, "train.progress=false"])
+    for run in runs:
+        check_reusable(run, load_config(overrides=run.overrides))
+    pending = [run for run in runs if not (run.folder / "summary.json").is_file()]
+    for run in pending:
+        print(shlex.join(cell_command(run)))
+    print(f"# {len(pending)} of {len(runs)} cell(s) to run; then: equimodal bench ... --collect (same options)",
+          file=sys.stderr)
+    if args.tune and args.tune_seeds:
+        print("# --tune-seeds: these are the tuning cells; after --collect, --plan again lists the picks' other seeds",
+              file=sys.stderr)
     return 0
 
 
@@ -316,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-seeds", metavar="SEEDS",
                    help="with --tune: try the settings with these seeds only, then run each pick with every "
                         "seed (default: all of --seeds)")
+    p.add_argument("--jobs", type=int, default=1, help="run this many grid cells at once (processes)")
+    p.add_argument("--devices", help="with --jobs: comma-separated GPU ids, one per cell in turn (e.g. 0,1)")
+    p.add_argument("--plan", action="store_true",
+                   help="print one self-contained command per unfinished cell (e.g. for a SLURM job array)")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: build the tables from the cells that finished, list the others")
     p.add_argument("--equal-epochs", action="store_true",
                    help="multi-stage methods share train.epochs over their stages (train.stage_budget=shared)")
     p.add_argument("--no-progress", action="store_true")

@@ -10,7 +10,9 @@ import csv
 import itertools
 import json
 import math
+import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -92,9 +94,11 @@ def plan_grid(dataset: str, methods: list[str], seeds: list[int], out: Path, ove
 
 
 class GridResults(list):
-    """The summaries of the runs that finished, plus ``failures``: one dict per run that raised."""
+    """The summaries of the runs that finished, plus ``failures`` (one dict per run that raised)
+    and ``missing`` (the cells that had no summary when the grid started)."""
 
     failures: list[dict[str, Any]]
+    missing: list[BenchRun]
 
 
 #: keys that do not change what a run computes (so a stored run with other values is still reusable)
@@ -129,14 +133,51 @@ def check_reusable(run: BenchRun, cfg: dict) -> None:
                              "use a new --out folder (or delete that run folder to rerun it)")
 
 
+def cell_command(run: BenchRun) -> list[str]:
+    """The self-contained command that trains (or resumes) one grid cell into its run folder."""
+    if (run.folder / "checkpoint.pt").is_file():
+        return [sys.executable, "-m", "equimodal", "train", "--resume", str(run.folder), "--no-progress"]
+    sets = [a for o in run.overrides if not o.startswith(("train.out=", "train.progress=")) for a in ("--set", o)]
+    return [sys.executable, "-m", "equimodal", "train", "--out", str(run.folder), "--overwrite", "--no-progress", *sets]
+
+
+def _run_cells_in_processes(cells: list[BenchRun], jobs: int, devices: list[str] | None,
+                            echo: Callable[[str], None]) -> dict[Path, str]:
+    """Train ``cells`` as ``jobs`` concurrent ``equimodal train`` processes (each its own run folder,
+    so the results are those of a sequential grid); with ``devices``, cell i sees only device
+    i mod len(devices) (CUDA_VISIBLE_DEVICES). Returns folder -> error for the cells that failed."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(index_cell: tuple[int, BenchRun]) -> tuple[Path, str | None]:
+        index, cell = index_cell
+        env = dict(os.environ)
+        if devices:
+            env["CUDA_VISIBLE_DEVICES"] = devices[index % len(devices)]
+        cell.folder.mkdir(parents=True, exist_ok=True)
+        with open(cell.folder / "train.log", "w") as log:
+            code = subprocess.run(cell_command(cell), env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code == 0 and (cell.folder / "summary.json").is_file():
+            echo(f"{cell.label} seed {cell.seed}: finished (process)")
+            return cell.folder, None
+        tail = (cell.folder / "train.log").read_text().strip().splitlines()[-1:] or [""]
+        return cell.folder, f"exit {code}: {tail[0]} (log: {cell.folder / 'train.log'})"
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        return {folder: err for folder, err in pool.map(one, enumerate(cells)) if err is not None}
+
+
 def run_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path, overrides: list[str] | None = None,
              echo: Callable[[str], None] = print, progress: bool = False,
-             aliases: dict[str, str] | None = None) -> GridResults:
+             aliases: dict[str, str] | None = None, jobs: int = 1, devices: list[str] | None = None,
+             collect_only: bool = False) -> GridResults:
     """Run (or reuse) every (method, seed) and return their summaries with their label and history.
 
     A finished run is reused, an interrupted one resumed, only if its stored config equals the
     requested one (else ``RunFolderError`` before anything runs). A run that raises is recorded in
-    ``failures`` (and ``out/failures.json``) with its error, and the grid goes on."""
+    ``failures`` (and ``out/failures.json``) with its error, and the grid goes on. ``jobs`` > 1: the
+    unfinished cells run as that many concurrent processes (``devices``: one GPU each, round
+    robin). ``collect_only``: run nothing; the cells without a summary are listed in ``missing``."""
     from ..train import Trainer
 
     out = Path(out)
@@ -149,8 +190,19 @@ def run_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path
     for run, cfg in zip(runs, configs):
         check_reusable(run, cfg)
     results, failures = GridResults(), []
+    results.missing = [run for run in runs if not (run.folder / "summary.json").is_file()]
+    process_errors: dict[Path, str] = {}
+    if jobs > 1 and not collect_only and results.missing:
+        process_errors = _run_cells_in_processes(results.missing, jobs, devices, echo)
     for i, (run, cfg) in enumerate(zip(runs, configs), 1):
         summary_path = run.folder / "summary.json"
+        if collect_only and not summary_path.is_file():
+            continue
+        if run.folder in process_errors:
+            failures.append({"label": run.label, "seed": run.seed, "folder": str(run.folder),
+                             "error": process_errors[run.folder]})
+            echo(f"[{i}/{len(runs)}] {run.label} seed {run.seed}: FAILED: {process_errors[run.folder]}")
+            continue
         try:
             if summary_path.is_file():
                 summary = json.loads(summary_path.read_text())
@@ -170,7 +222,7 @@ def run_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path
         results.append({**summary, "label": run.label, "history": history, "folder": str(run.folder)})
     results.failures = failures
     failures_path = out / "failures.json"
-    if not is_main_process():  # under torchrun every rank runs the grid; rank 0 writes
+    if not is_main_process() or collect_only:  # under torchrun every rank runs the grid; rank 0 writes
         return results
     if failures:
         failures_path.write_text(json.dumps(failures, indent=2))
