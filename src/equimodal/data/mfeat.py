@@ -54,6 +54,15 @@ def read_view(folder: Path, view: str) -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].astype(np.float32), labels.astype(np.int64)
 
 
+def split_indices(labels: torch.Tensor, test_per_class: int, val_fraction: float, split_seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices of train / validation / test: ``test_per_class`` rows per class for test, then a
+    stratified ``val_fraction`` of the rest for validation (seeded; disjoint; together every row)."""
+    rest, test_idx = stratified_split(labels, test_per_class / (ROWS // CLASSES), seed=10_000 + split_seed)
+    train_idx, val_idx = stratified_split(labels[rest], val_fraction, seed=split_seed)
+    return rest[train_idx], rest[val_idx], test_idx
+
+
 def mfeat_splits(source: str = "", modalities: list[str] = VIEWS, test_per_class: int = 50,
                  val_fraction: float = 0.1, split_seed: int = 0) -> DataSplits:
     """Train / validation / test of mfeat with the chosen views (``modalities``, any subset, in order)."""
@@ -74,9 +83,7 @@ def mfeat_splits(source: str = "", modalities: list[str] = VIEWS, test_per_class
             raise DataError(f"{folder}/mfeat-{view}.csv: labels differ from those of the other views (rows not aligned)")
         views[view], labels = torch.from_numpy(x), y
     labels_t = torch.from_numpy(labels)
-    rest, test_idx = stratified_split(labels_t, test_per_class / (ROWS // CLASSES), seed=10_000 + split_seed)
-    train_idx, val_idx = stratified_split(labels_t[rest], val_fraction, seed=split_seed)
-    train_idx, val_idx = rest[train_idx], rest[val_idx]
+    train_idx, val_idx, test_idx = split_indices(labels_t, test_per_class, val_fraction, split_seed)
     for view, x in views.items():  # standardise with training statistics only
         mean, std = x[train_idx].mean(0), x[train_idx].std(0)
         views[view] = (x - mean) / torch.where(std > 0, std, torch.ones_like(std))
