@@ -24,7 +24,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="YAML config file (overrides the defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set method.alpha=0.5 (repeatable; values are YAML)")
-    p.add_argument("--dataset", help="dataset name (synthetic, synthetic3)")
+    p.add_argument("--dataset", help="dataset name (synthetic, synthetic3, avdigits, ...) or your own builder "
+                                     "my_pkg.data:build (its options: --set data.KEY=VALUE)")
     p.add_argument("--method", help="method name (see `equimodal methods`)")
     p.add_argument("--fusion", help="concat | sum | late | film | gated")
     p.add_argument("--estimator", help="unimodal-logit estimator: auto | exact | probe | mask")
@@ -68,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = cfg["method"]
     if trainer.rank == 0:
         print(f"equimodal {__version__}: {m['name']} on {cfg['data']['name']} ({', '.join(trainer.splits.modalities)}), "
-              f"fusion {cfg['model']['fusion']} / estimator {trainer.model.estimator}, device {trainer.device}"
+              f"fusion {cfg['model']['fusion']} / estimator {getattr(trainer.model, 'estimator', 'custom')}, device {trainer.device}"
               + (f" x {trainer.world} processes" if trainer.world > 1 else "") + f", output {trainer.out_dir}")
     return _fit(trainer)
 
@@ -182,7 +183,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         if args.alone:
-            mods = load_config(overrides=[f"data.name={args.dataset}", *args.overrides])["data"]["modalities"]
+            from .data import dataset_modalities
+            data = load_config(overrides=[f"data.name={args.dataset}", *args.overrides])["data"]
+            mods = dataset_modalities(data["name"], data)
             methods += [f"alone:{m}" for m in mods]
         results = run_grid(args.dataset, methods, seeds, args.out, args.overrides, progress=not args.no_progress)
     except (ConfigError, ValueError) as exc:
@@ -275,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--pairing-seed", type=int, default=0)
     prep.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("bench", help="run methods x seeds on a dataset; tables and plots (resumable)")
-    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--dataset", default="synthetic", help="a dataset name or your own builder my_pkg.data:build")
     p.add_argument("--methods", default="joint,ogm-ge", help="comma-separated; options after colons: ogm-boost:mode=both")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", required=True)
@@ -284,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default="joint", help="the row the paired differences are taken against")
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("diagnose", help="is my model imbalanced? each modality alone vs joint, same budget")
-    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--dataset", default="synthetic", help="a dataset name or your own builder my_pkg.data:build; "
+                                                          "your model: --set model.factory=my_pkg.models:build")
     p.add_argument("--seeds", default="0")
     p.add_argument("--out", default="diagnosis")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..config import load_config
+from ..data import dataset_modalities
 from ..errors import EquimodalError
 from .bench import run_grid
 from .stats import mean_std
@@ -24,7 +25,8 @@ OBSERVED_JOINT = "ogm:params=all:modulation_starts=1000000000:modulation_ends=10
 def diagnose(dataset: str, out: str | Path, seeds: list[int], overrides: list[str] | None = None,
              threshold: float = 0.02, echo=print) -> dict[str, Any]:
     out = Path(out)
-    modalities = load_config(overrides=[f"data.name={dataset}", *(overrides or [])])["data"]["modalities"]
+    data = load_config(overrides=[f"data.name={dataset}", *(overrides or [])])["data"]
+    modalities = dataset_modalities(data["name"], data)
     if len(modalities) < 2:
         raise ValueError(f"diagnose needs two or more modalities; {dataset} has {modalities}")
     specs = [OBSERVED_JOINT, *(f"alone:{m}" for m in modalities)]
