@@ -246,6 +246,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if args.verbose:
             opts = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items()) or "(no options)"
             print(f"{'':<{width}}  options: {opts}")
+    print("\nEach method's rule, defaults, departures from its paper and cost: docs/methods.md (in the source "
+          "distribution) and its class docstring; the API: docs/api.md.")
     return 0
 
 

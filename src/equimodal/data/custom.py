@@ -86,6 +86,7 @@ class UserDataset(Dataset):
 
     @property
     def modalities(self) -> tuple[str, ...]:
+        """The modalities kept (all of the first item's keys unless ``select`` chose some)."""
         return self._modalities
 
     def __len__(self) -> int:
@@ -112,6 +113,7 @@ class UserDataset(Dataset):
             self.base.set_epoch(epoch)
 
     def subset(self, indices: torch.Tensor) -> "UserDataset":
+        """A view of the samples at ``indices`` (nothing is read or copied)."""
         idx = torch.as_tensor(indices, dtype=torch.long)
         return UserDataset(self.base, self.name, self.indices[idx], self._modalities, self.labels[idx], self.num_classes)
 

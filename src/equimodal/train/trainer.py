@@ -320,6 +320,7 @@ class Trainer:
 
     # --- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Everything ``checkpoint.pt`` holds to resume exactly (tensors and plain values only)."""
         return {"config": self.cfg, "epoch": self.epoch, "stage_index": self.stage_index,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -333,6 +334,7 @@ class Trainer:
                 "scaler_skips": self.scaler_skips}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict`` (``resume`` does this after rebuilding the run from its config)."""
         self.method.load_state_dict(state["method"])
         index = state.get("stage_index", 0)
         if index != self.stage_index:
@@ -480,6 +482,8 @@ class Trainer:
             (self.out_dir / f).unlink()
 
     def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs of every stage, checkpointing each, then ``finish``; returns the
+        summary also written to ``summary.json``."""
         t = self.cfg["train"]
         self.check_out_dir()
         _dist.barrier()  # every rank has checked the folder before rank 0 writes into it
