@@ -253,3 +253,18 @@ def test_mistakes_are_named_errors(tmp_path):
         Trainer(cfg, out_dir=tmp_path / "r", data=build(n=80), model_factory=lambda: NoClassCount())
     name = register_model(wrapped_factory, name="mine")
     assert load_config(overrides=SMALL + [f"model.factory={name}"])["model"]["factory"] == "mine"
+
+
+def test_the_worked_example_builds_and_trains(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "own_data.py"
+    spec = importlib.util.spec_from_file_location("own_data_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cfg = load_config(overrides=["train.epochs=1", "train.device=cpu", "train.progress=false", "method.name=ogm-ge"])
+    trainer = Trainer(cfg, out_dir=tmp_path / "run", data=example.build_data(n_train=240, n_test=120),
+                      model_factory=example.build_model, echo=lambda s: None)
+    assert trainer.splits.modalities == ("camera", "sensor") and trainer.splits.num_classes == 6
+    assert set(trainer.fit()["probe_acc_by_modality"]) == {"camera", "sensor"}
