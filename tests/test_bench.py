@@ -101,6 +101,11 @@ def test_report_is_self_contained_and_renders_in_chromium(bench_run, tmp_path, c
     assert main(["report", str(out)]) == 0
     page = (out / "report.html").read_text()
     assert "<table>" in page and "ogm-ge:alpha=0.5" in page
+    budget = page.split("<h2>Budget</h2>", 1)[1].split("<h2>", 1)[0]
+    for text in ("<td>epochs</td><td style='text-align:left'>1 per stage", "sgd, lr 0.1, momentum 0.9",
+                 "synthetic (n_train=600, n_test=300", "<td>batch size</td><td style='text-align:left'>50<",
+                 "8 (2 seed(s): 0, 1)"):
+        assert text in budget, text
     images = re.findall(r"src='data:image/png;base64,([^']+)'", page)
     assert len(images) == 3 and all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
     assert "src='http" not in page and "href=" not in page, "nothing fetched from elsewhere"

@@ -24,7 +24,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", type=Path, help="YAML config file (overrides the defaults)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set method.alpha=0.5 (repeatable; values are YAML)")
-    p.add_argument("--dataset", help="dataset name (synthetic, synthetic3)")
+    p.add_argument("--dataset", help="dataset name (synthetic, synthetic3, avdigits, ...) or your own builder "
+                                     "my_pkg.data:build (its options: --set data.KEY=VALUE)")
     p.add_argument("--method", help="method name (see `equimodal methods`)")
     p.add_argument("--fusion", help="concat | sum | late | film | gated")
     p.add_argument("--estimator", help="unimodal-logit estimator: auto | exact | probe | mask")
@@ -68,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     m = cfg["method"]
     if trainer.rank == 0:
         print(f"equimodal {__version__}: {m['name']} on {cfg['data']['name']} ({', '.join(trainer.splits.modalities)}), "
-              f"fusion {cfg['model']['fusion']} / estimator {trainer.model.estimator}, device {trainer.device}"
+              f"fusion {cfg['model']['fusion']} / estimator {getattr(trainer.model, 'estimator', 'custom')}, device {trainer.device}"
               + (f" x {trainer.world} processes" if trainer.world > 1 else "") + f", output {trainer.out_dir}")
     return _fit(trainer)
 
@@ -187,7 +188,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         cfg = load_config(overrides=[f"data.name={args.dataset}", *overrides])
         if args.alone:
-            methods += [f"alone:{m}" for m in cfg["data"]["modalities"]]
+            from .data import dataset_modalities
+            methods += [f"alone:{m}" for m in dataset_modalities(cfg["data"]["name"], cfg["data"])]
         settings = {spec: (tuning_settings(spec, cfg["optim"]["lr"]) if args.tune else [spec]) for spec in methods}
         grid = list(dict.fromkeys(sp for specs in settings.values() for sp in specs))
         tune_seeds = [int(s) for s in args.tune_seeds.split(",") if s.strip()] if args.tune_seeds else seeds
@@ -305,6 +307,8 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if args.verbose:
             opts = ", ".join(f"{k}={v!r}" for k, v in method_options(name).items()) or "(no options)"
             print(f"{'':<{width}}  options: {opts}")
+    print("\nEach method's rule, defaults, departures from its paper and cost: docs/methods.md (in the source "
+          "distribution) and its class docstring; the API: docs/api.md.")
     return 0
 
 
@@ -337,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--pairing-seed", type=int, default=0)
     prep.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("bench", help="run methods x seeds on a dataset; tables and plots (resumable)")
-    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--dataset", default="synthetic", help="a dataset name or your own builder my_pkg.data:build")
     p.add_argument("--methods", default="joint,ogm-ge", help="comma-separated; options after colons: ogm-boost:mode=both")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", required=True)
@@ -359,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-stage methods share train.epochs over their stages (train.stage_budget=shared)")
     p.add_argument("--no-progress", action="store_true")
     p = sub.add_parser("diagnose", help="is my model imbalanced? each modality alone vs joint, same budget")
-    p.add_argument("--dataset", default="synthetic")
+    p.add_argument("--dataset", default="synthetic", help="a dataset name or your own builder my_pkg.data:build; "
+                                                          "your model: --set model.factory=my_pkg.models:build")
     p.add_argument("--seeds", default="0,1,2", help="3 by default: with one seed no spread is known")
     p.add_argument("--compare", nargs="?", const="", metavar="METHODS",
                    help="also compare these methods with joint at the same budget and recommend one on validation "

@@ -18,14 +18,15 @@ from .errors import ConfigError
 from .methods import build_method, method_options
 from .models import ESTIMATORS, FUSIONS
 from .models.encoders import NORMS
+from .models.factory import register_model, resolve_factory
 
-__all__ = ["ConfigError", "DEFAULTS", "dump_config", "load_config", "resolve"]
+__all__ = ["ConfigError", "DEFAULTS", "dump_config", "load_config", "resolve", "with_user_parts"]
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"name": "synthetic"},
     "model": {"encoder": "auto", "width": 32, "feature_dim": 64, "fusion": "concat", "estimator": "auto",
-              "norm": "batch"},
+              "norm": "batch", "factory": None},
     "method": {"name": "joint"},
     "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
               "step_size": 10, "gamma": 0.1, "clip_grad_norm": None},
@@ -173,10 +174,16 @@ def resolve(raw: dict) -> dict:
         raise ConfigError(str(exc.args[0])) from None
     cfg["data"] = _resolve_options("data", cfg["data"], data_defaults)
     modalities = _check_data(cfg["data"])
+    factory = cfg["model"]["factory"]
+    if factory is not None:
+        if not isinstance(factory, str) or not factory:
+            raise ConfigError(f"model.factory: expected null, a registered model name or module:function, got {factory!r}")
+        resolve_factory(factory)  # an unknown name or a failing import stops the run here
     cfg["method"] = _resolve_options("method", cfg["method"], method_defaults)
     try:  # constructors check their values (choices, ranges): fail here, before any training
         method = build_method(**cfg["method"])
-        method.check_modalities(modalities)
+        if modalities is not None:  # None: a user dataset whose modalities are read when it loads
+            method.check_modalities(modalities)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"method {cfg['method']['name']!r}: {exc}") from None
     except KeyError as exc:  # e.g. an unknown method named inside another method's options
@@ -184,8 +191,9 @@ def resolve(raw: dict) -> dict:
     return cfg
 
 
-def _check_data(data: dict) -> list[str]:
-    """Checks every dataset shares (counts, fractions, modalities); returns the modalities used."""
+def _check_data(data: dict) -> list[str] | None:
+    """Checks every dataset shares (counts, fractions, modalities); returns the modalities used
+    (None for a user dataset whose modalities are not known before it is loaded)."""
     name = data["name"]
     for key, value in data.items():
         if key.startswith("n_") and isinstance(value, int) and value <= 0:
@@ -193,8 +201,8 @@ def _check_data(data: dict) -> list[str]:
         if key.endswith("_fraction") and isinstance(value, float) and not 0.0 <= value < 1.0:
             raise ConfigError(f"data.{key}: must be in [0, 1), got {value}")
     known = list(DATASET_MODALITIES.get(name, ()))
-    if "modalities" not in data:
-        return known
+    if data.get("modalities") is None:
+        return known or None
     mods = data["modalities"]
     if not mods:
         raise ConfigError("data.modalities: empty; name at least one modality")
@@ -236,6 +244,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if keys[0] in ("method", "data") and keys[1:] == ["name"] and raw.get(keys[0], {}).get("name") != value:
             raw[keys[0]] = {}  # a new method/dataset starts from its own defaults
         _set(raw, keys, value)
+    return resolve(raw)
+
+
+def with_user_parts(cfg: dict, data: Any = None, model_factory: Any = None, data_name: str | None = None) -> dict:
+    """``cfg`` with a user's data and/or model factory put in: ``data`` (a dict of splits, a
+    ``DataSplits`` or a builder, see ``equimodal.data.register_dataset``) is registered under
+    ``data_name`` (default: ``cfg``'s ``data.name`` if that is not a built-in dataset, else
+    ``"custom"``) and becomes ``data.name`` (with that dataset's default options unless it was
+    already the configured one); ``model_factory`` (a callable or a name) becomes ``model.factory``.
+    The returned config is resolved again, so the run's ``config.yaml`` records what ran."""
+    from .data import BUILTIN_DATASETS, register_dataset
+
+    raw = copy.deepcopy(cfg)
+    if data is not None:
+        current = (raw.get("data") or {}).get("name")
+        name = data_name or (current if current and current not in BUILTIN_DATASETS and ":" not in current
+                             else "custom")
+        register_dataset(name, data)
+        if current != name:
+            raw["data"] = {"name": name}
+    if model_factory is not None:
+        raw.setdefault("model", {})["factory"] = (model_factory if isinstance(model_factory, str)
+                                                  else register_model(model_factory))
     return resolve(raw)
 
 

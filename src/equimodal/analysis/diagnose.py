@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..config import load_config
+from ..data import dataset_modalities
 from ..errors import EquimodalError
 from .bench import run_grid
 from .stats import mean_std, paired_difference
@@ -42,7 +43,8 @@ def diagnose(dataset: str, out: str | Path, seeds: list[int] = (0, 1, 2), overri
     recommendation among those methods (plus plain joint training) on validation accuracy."""
     out = Path(out)
     seeds = list(seeds)
-    modalities = load_config(overrides=[f"data.name={dataset}", *(overrides or [])])["data"]["modalities"]
+    data = load_config(overrides=[f"data.name={dataset}", *(overrides or [])])["data"]
+    modalities = dataset_modalities(data["name"], data)
     if len(modalities) < 2:
         raise ValueError(f"diagnose needs two or more modalities; {dataset} has {modalities}")
     compare = [c for c in (compare or []) if c != "joint"]

@@ -5,8 +5,12 @@ from __future__ import annotations
 import base64
 import csv
 import html
+import json
 from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
@@ -28,6 +32,78 @@ def markdown_table_to_html(md: str) -> str:
     return "\n".join(out + ["</table>"])
 
 
+def _value(cfg: dict, key: str) -> Any:
+    section, name = key.split(".", 1)
+    return (cfg.get(section) or {}).get(name)
+
+
+def budget_rows(folder: Path) -> list[tuple[str, str]]:
+    """The training budget behind the tables, read from every run's ``config.yaml`` under
+    ``folder/runs``: (what, value) rows; a value that differs between runs lists each with its runs."""
+    configs = {}
+    for path in sorted((folder / "runs").glob("*/config.yaml")):
+        try:
+            configs[path.parent.name] = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            continue
+        summary = path.parent / "summary.json"
+        if summary.is_file():  # the precision the run resolved (auto -> fp32 on the CPU, bf16 on CUDA)
+            try:
+                precision = json.loads(summary.read_text()).get("precision")
+            except (OSError, ValueError):
+                precision = None
+            if precision:
+                configs[path.parent.name].setdefault("train", {})["precision"] = precision
+    if not configs:
+        return []
+
+    def show(cfg: dict, what: str) -> str:
+        if what == "data":
+            opts = {k: v for k, v in (cfg.get("data") or {}).items() if k not in ("name", "modalities")}
+            return f"{_value(cfg, 'data.name')} ({', '.join(f'{k}={v}' for k, v in opts.items())})" if opts \
+                else str(_value(cfg, "data.name"))
+        if what == "optimizer":
+            o = cfg.get("optim") or {}
+            text = f"{o.get('name')}, lr {o.get('lr')}"
+            if o.get("name") == "sgd":
+                text += f", momentum {o.get('momentum')}"
+            text += f", weight decay {o.get('weight_decay')}"
+            if o.get("schedule") == "step":
+                text += f", step schedule (x{o.get('gamma')} every {o.get('step_size')} epochs)"
+            else:
+                text += f", {o.get('schedule')} schedule"
+            if o.get("clip_grad_norm"):
+                text += f", gradient norm clipped at {o.get('clip_grad_norm')}"
+            return text
+        if what == "model":
+            m = cfg.get("model") or {}
+            if m.get("factory"):
+                return f"model.factory {m['factory']}, fusion {m.get('fusion')}"
+            return (f"encoders {m.get('encoder')} (width {m.get('width')}, features {m.get('feature_dim')}), "
+                    f"fusion {m.get('fusion')}, estimator {m.get('estimator')}")
+        if what == "epochs":
+            return f"{_value(cfg, 'train.epochs')} per stage (multi-stage methods: see the epochs column)"
+        if what == "batch":
+            t = cfg.get("train") or {}
+            return f"{t.get('batch_size')} x {t.get('accumulate', 1)} accumulated" if t.get("accumulate", 1) != 1 \
+                else str(t.get("batch_size"))
+        return str(_value(cfg, what))
+
+    rows = []
+    for label, what in (("data", "data"), ("epochs", "epochs"), ("optimizer", "optimizer"), ("batch size", "batch"),
+                        ("model", "model"), ("precision", "train.precision"), ("reported epoch", "train.select")):
+        values: dict[str, list[str]] = {}
+        for run, cfg in configs.items():
+            values.setdefault(show(cfg, what), []).append(run)
+        if len(values) == 1:
+            rows.append((label, next(iter(values))))
+        else:
+            rows.append((label, "; ".join(f"{v} [{', '.join(runs)}]" for v, runs in values.items())))
+    seeds = sorted({_value(cfg, "train.seed") for cfg in configs.values()}, key=str)
+    rows.append(("runs", f"{len(configs)} ({len(seeds)} seed(s): {', '.join(map(str, seeds))})"))
+    return rows
+
+
 def build_report(folder: str | Path, out: str | Path | None = None) -> Path:
     folder = Path(folder)
     md_path = folder / "results.md"
@@ -42,6 +118,12 @@ def build_report(folder: str | Path, out: str | Path | None = None) -> Path:
              f"<p class='note'>Generated {datetime.now().strftime('%Y-%m-%d %H:%M')} from {html.escape(str(folder))}.</p>",
              "<h2>Results</h2>", markdown_table_to_html(table_md),
              *(f"<p class='note'>{html.escape(n)}</p>" for n in notes)]
+    budget = budget_rows(folder)
+    if budget:
+        parts += ["<h2>Budget</h2>", "<p class='note'>The training behind every number above, read from each "
+                  "run's config.yaml (runs/*/config.yaml holds the full configuration).</p>", "<table>"]
+        parts += [f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>{html.escape(v)}</td></tr>" for k, v in budget]
+        parts.append("</table>")
     captions = {"accuracy_per_epoch.png": "Validation accuracy per epoch", "coefficients.png":
                 "Modulation coefficients and discrepancy ratios", "linear_probe.png": "Linear-probe accuracy per encoder",
                 "diagnosis.png": "Diagnosis"}

@@ -10,11 +10,13 @@ import inspect
 from typing import Any, Callable
 
 from .base import DataSplits, TensorMultimodalDataset, stratified_split
+from .custom import UserDataset, as_splits, make_loader
 from .avclips import PRESETS, AVClipDataset, av_clip_splits
 from .avdigits import avdigits_splits
 from .mfeat import VIEWS as MFEAT_VIEWS, mfeat_splits
 from .synthetic import synthetic_splits
-from ..errors import DataError
+from .._imports import import_object, is_import_path
+from ..errors import ConfigError, DataError
 
 #: name -> (loader, default options that differ from the loader's own defaults)
 DATASETS: dict[str, tuple[Callable[..., DataSplits], dict[str, Any]]] = {
@@ -33,18 +35,58 @@ DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
 }
 
 
+#: names of the built-in datasets (``register_dataset`` may not replace them)
+BUILTIN_DATASETS = frozenset(DATASETS)
+
+
+def register_dataset(name: str, source: Any, modalities: list[str] | tuple[str, ...] | None = None) -> str:
+    """Make a user's data available by ``name`` to ``load_dataset``, the config (``data.name``), the
+    ``Trainer``, ``bench`` and ``diagnose``, in this process. Returns ``name``.
+
+    ``source``: a dict ``{"train", "val" (optional), "test"}`` of map-style Datasets yielding
+    ``(dict of tensors, label)``, a ``DataSplits``, or a builder ``build(**options) -> that dict``
+    (its keyword parameters become ``data.<option>`` keys). Every user dataset also takes
+    ``val_fraction`` and ``split_seed`` (the validation part carved from train when ``val`` is
+    absent) and ``modalities`` (``None``: all). ``modalities`` here declares the data's modalities
+    ahead, so a config can be checked without building the data; otherwise they are read from the
+    data when it is first loaded. Registering a name again replaces it (a rerun notebook cell); the
+    built-in names cannot be replaced."""
+    if not isinstance(name, str) or not name or name in BUILTIN_DATASETS:
+        raise ValueError(f"register_dataset: {name!r} is not a free dataset name (built-in: {sorted(BUILTIN_DATASETS)})")
+    DATASETS[name] = (make_loader(name, source, on_load=lambda s: DATASET_MODALITIES.__setitem__(name, s.modalities)), {})
+    DATASET_MODALITIES.pop(name, None)
+    if modalities is not None:
+        DATASET_MODALITIES[name] = tuple(modalities)
+    elif isinstance(source, (dict, DataSplits)):  # the data is at hand: read its modalities now
+        DATASET_MODALITIES[name] = as_splits(source, name).modalities
+    return name
+
+
+def _known(name: str) -> None:
+    """Register ``module:function`` names on first use; a helpful error for any other unknown name."""
+    if name in DATASETS:
+        return
+    if isinstance(name, str) and is_import_path(name):
+        register_dataset(name, import_object(name, "data.name"))
+        return
+    raise KeyError(f"unknown dataset {name!r}; available: {sorted(DATASETS)} (your own data: "
+                   "register_dataset(name, ...) in this process, or data.name=my_module:build)")
+
+
 def dataset_modalities(name: str, options: dict[str, Any] | None = None) -> list[str]:
-    """The modalities a configured dataset yields: ``options["modalities"]`` where the loader takes
-    that option, else all of ``DATASET_MODALITIES[name]``."""
+    """The modalities a configured dataset yields: ``options["modalities"]`` where set, else every
+    modality the dataset has (a user dataset not declared at registration is loaded to read them)."""
     opts = {**dataset_options(name), **(options or {})}
-    if "modalities" in opts:
+    if opts.get("modalities"):
         return list(opts["modalities"])
+    if name not in DATASET_MODALITIES and name not in BUILTIN_DATASETS:
+        load_dataset(name, **{k: v for k, v in (options or {}).items() if k != "name"})
     return list(DATASET_MODALITIES.get(name, ()))
 
 
 def dataset_options(name: str) -> dict[str, Any]:
-    if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; available: {sorted(DATASETS)}")
+    """Every option of a dataset's loader with its default (the ``data`` section of a config)."""
+    _known(name)
     fn, overrides = DATASETS[name]
     opts = {p.name: p.default for p in inspect.signature(fn).parameters.values()}
     opts.update(overrides)
@@ -52,7 +94,11 @@ def dataset_options(name: str) -> dict[str, Any]:
 
 
 def load_dataset(name: str, **options: Any) -> DataSplits:
-    valid = dataset_options(name)
+    """train / val / test of a built-in or registered dataset (or ``module:function``)."""
+    try:
+        valid = dataset_options(name)
+    except KeyError as exc:
+        raise ConfigError(f"data.name: {exc.args[0]}") from None
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise DataError(f"dataset {name!r} has no option(s) {unknown}; valid options: {sorted(valid)}")
@@ -62,5 +108,6 @@ def load_dataset(name: str, **options: Any) -> DataSplits:
     return splits
 
 
-__all__ = ["AVClipDataset", "DATASETS", "DATASET_MODALITIES", "dataset_modalities", "DataSplits", "TensorMultimodalDataset", "dataset_options", "load_dataset",
+__all__ = ["AVClipDataset", "BUILTIN_DATASETS", "DATASETS", "DATASET_MODALITIES", "dataset_modalities", "DataSplits",
+           "TensorMultimodalDataset", "UserDataset", "as_splits", "dataset_options", "load_dataset", "register_dataset",
            "stratified_split", "synthetic_splits"]

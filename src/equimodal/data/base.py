@@ -40,6 +40,7 @@ class TensorMultimodalDataset(Dataset):
 
     @property
     def modalities(self) -> tuple[str, ...]:
+        """The modality names, in the order of the inputs dict."""
         return tuple(self.inputs)
 
     def __len__(self) -> int:
@@ -49,6 +50,7 @@ class TensorMultimodalDataset(Dataset):
         return {m: x[index] for m, x in self.inputs.items()}, self.labels[index]
 
     def subset(self, indices: torch.Tensor) -> "TensorMultimodalDataset":
+        """The samples at ``indices`` (a copy), as the splits and hold-outs are made."""
         return TensorMultimodalDataset({m: x[indices] for m, x in self.inputs.items()},
                                        self.labels[indices], self.num_classes)
 
@@ -91,10 +93,12 @@ class DataSplits:
 
     @property
     def modalities(self) -> tuple[str, ...]:
+        """The modalities of the data (those of train)."""
         return self.train.modalities
 
     @property
     def num_classes(self) -> int:
+        """The number of classes (that of train; the same for every split)."""
         return self.train.num_classes
 
 

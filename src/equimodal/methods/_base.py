@@ -262,6 +262,7 @@ class Method:
         return {"epoch": self.epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (on resume, before training continues)."""
         self.epoch = int(state.get("epoch", 0))
 
     def __repr__(self) -> str:

@@ -14,6 +14,8 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register_method(name: str) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: make a ``Method`` subclass available by ``name`` to ``build_method``, the
+    config (``method.name``) and the CLI; its constructor's keyword parameters become its options."""
     def deco(cls: type[Method]) -> type[Method]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method name {name!r} is already registered by {_REGISTRY[name].__name__}")

@@ -1,4 +1,4 @@
-"""Pure, vectorised building blocks of the OGM family (methods.md section 1, steps 2-4)."""
+"""Pure, vectorised building blocks of the OGM family (docs/methods.md, "ogm, ogm-ge": scores, ratios, coefficients)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Cross-modal knowledge distillation from the strong modality to the weak. methods.md §4."""
+"""Cross-modal knowledge distillation from the strong modality to the weak; docs/methods.md, "distill"."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,4 @@
-"""OGM-boost: strengthen the weak modality's gradient instead of weakening the strong one's. methods.md §2."""
+"""OGM-boost: strengthen the weak modality's gradient instead of weakening the strong one's; docs/methods.md, "ogm-boost"."""
 from __future__ import annotations
 
 import torch
@@ -19,7 +19,7 @@ def boost_coefficients(ratios: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @register_method("ogm-boost")
 class OGMBoost(OGMGE):
-    """OGM-boost (ours, methods.md §2): raise the weak modality's encoder gradients instead of damping the strong.
+    """OGM-boost (ours, docs/methods.md): raise the weak modality's encoder gradients instead of damping the strong.
 
     Same scores and ratios as OGM-GE. ``mode``: ``boost`` (k_w = 1 + tanh(alpha (1/rho_w - 1)) for
     rho_w < 1, others 1), ``suppress`` (OGM's k, for comparison), ``both`` (the dominant damped by

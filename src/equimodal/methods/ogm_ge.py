@@ -1,4 +1,4 @@
-"""OGM and OGM-GE: on-the-fly gradient modulation (with generalisation enhancement). methods.md §1."""
+"""OGM and OGM-GE: on-the-fly gradient modulation (with generalisation enhancement); docs/methods.md, "ogm, ogm-ge"."""
 from __future__ import annotations
 
 import warnings
@@ -155,12 +155,12 @@ class OGMGE(Method):
         self.step += 1
 
     def coefficients(self, ratios: torch.Tensor) -> torch.Tensor:
-        """k_u from rho_u (methods.md 1.4); subclasses change the rule here."""
+        """k_u from rho_u (docs/methods.md, "ogm, ogm-ge": k = 1 - tanh(alpha rho) where rho > 1); subclasses change the rule here."""
         return ogm_coefficients(ratios, self.alpha, self.coefficient)
 
     def noise_scales(self, k: torch.Tensor) -> torch.Tensor | None:
         """Per-modality multiplier of the N(0, std(g)^2) noise, or None for no noise.
-        GE (methods.md 1.5): 1 for every modality, also where k_u = 1."""
+        GE (docs/methods.md, "ogm, ogm-ge"): 1 for every modality, also where k_u = 1."""
         return torch.ones_like(k) if self.ge else None
 
     def _modulate(self, k: torch.Tensor) -> None:

@@ -1,4 +1,4 @@
-"""Cross-modal contrastive pre-training of the encoders, then any other method. methods.md §5."""
+"""Cross-modal contrastive pre-training of the encoders, then any other method; docs/methods.md, "ssl"."""
 from __future__ import annotations
 
 import itertools

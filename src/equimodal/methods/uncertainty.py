@@ -1,4 +1,4 @@
-"""Uncertainty-weighted unimodal auxiliary losses (Kendall et al. 2018). methods.md §3."""
+"""Uncertainty-weighted unimodal auxiliary losses (Kendall et al. 2018); docs/methods.md, "uncertainty"."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,7 +1,7 @@
 """Fusion heads: map named per-modality features to fused logits.
 
 Each fusion says whether its logits decompose exactly into per-modality terms (``decomposes``) and,
-if so, gives that decomposition (``decompose``), the basis of OGM's confidence scores (methods.md 1.1).
+if so, gives that decomposition (``decompose``), the basis of OGM's confidence scores (docs/methods.md, "ogm, ogm-ge").
 Modalities are kept in the order given at construction; for FiLM and gated fusion the first one is
 the modulated/gating modality, as in the OGM-GE code (audio first).
 """

@@ -93,14 +93,17 @@ class MultimodalModel(nn.Module):
 
     @property
     def modalities(self) -> tuple[str, ...]:
+        """The modality names, in the order of the encoders dict."""
         return tuple(self.encoders.keys())
 
     def encoder(self, name: str) -> nn.Module:
+        """The encoder of one modality (methods hook or scale it by name, never by attribute)."""
         if name not in self.encoders:
             raise KeyError(f"no modality {name!r}; this model has {list(self.modalities)}")
         return self.encoders[name]
 
     def encoder_parameters(self, name: str) -> list[nn.Parameter]:
+        """The parameters of one modality's encoder (what gradient modulation scales)."""
         return list(self.encoder(name).parameters())
 
     def head_parameters(self) -> list[nn.Parameter]:
@@ -117,6 +120,7 @@ class MultimodalModel(nn.Module):
         return groups
 
     def encode(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Features of every modality (B x out_dim each); the inputs must agree on the batch size."""
         missing = [m for m in self.modalities if m not in inputs]
         if missing:
             raise KeyError(f"inputs lack modalities {missing}; got keys {sorted(inputs)}")

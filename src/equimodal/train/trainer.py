@@ -28,6 +28,7 @@ from ..data import DataSplits, TensorMultimodalDataset, load_dataset
 from ..data.base import iterate_batches, num_batches, stratified_split
 from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
+from ..models.factory import build_user_model
 from .cost import CostMeter
 from .checkpoint import load_run_state, remove_stale_temporaries, save_checkpoint
 from .metrics import accuracy, linear_probe_scores, macro_f1
@@ -47,7 +48,12 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(model_cfg: dict, splits: DataSplits) -> MultimodalModel:
     """One encoder per modality, chosen from the input shape when ``encoder: auto``
-    (images/spectrograms -> SmallCNN, vectors -> MLP)."""
+    (images/spectrograms -> SmallCNN, vectors -> MLP); or the model ``model.factory`` builds from
+    the data's modalities, class count and input shapes (``equimodal.models.factory``)."""
+    if model_cfg.get("factory"):
+        first = splits.train[[0]][0]
+        shapes = {m: tuple(first[m].shape[1:]) for m in splits.modalities}
+        return build_user_model(model_cfg["factory"], model_cfg, tuple(splits.modalities), splits.num_classes, shapes)
     encoders = {}
     preferred = getattr(splits.train, "preferred_encoders", {})
     for m in splits.modalities:
@@ -89,13 +95,25 @@ def share_budget(stage_epochs: list[int], budget: int) -> list[int]:
 def build_optimizer(optim_cfg: dict, model: MultimodalModel, method: Method) -> torch.optim.Optimizer:
     """One parameter group per encoder (tagged ``modality``) and one for the head; a method adds a
     group for its own parameters in ``setup`` (``Method.attach_parameters``)."""
-    groups = model.param_groups()
+    groups = model.param_groups() if hasattr(model, "param_groups") else contract_param_groups(model)
     name, lr, wd = optim_cfg["name"], optim_cfg["lr"], optim_cfg["weight_decay"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg["momentum"], weight_decay=wd)
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, weight_decay=wd)
     return torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
+
+
+def contract_param_groups(model: nn.Module) -> list[dict]:
+    """``MultimodalModel.param_groups`` for any model that follows the contract: one group per
+    encoder (tagged ``modality``) and one for every other parameter."""
+    groups, seen = [], set()
+    for m in model.modalities:
+        params = [p for p in model.encoder_parameters(m) if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        groups.append({"params": params, "modality": m})
+    groups.append({"params": [p for p in model.parameters() if id(p) not in seen], "modality": None})
+    return groups
 
 
 def build_scheduler(optim_cfg: dict, optimizer: torch.optim.Optimizer, epochs: int):
@@ -172,8 +190,9 @@ def extract_features(model: MultimodalModel, dataset: TensorMultimodalDataset, d
     was_training = model.training
     model.eval()
     feats = {m: [] for m in model.modalities}
+    encode = model.encode if hasattr(model, "encode") else (lambda x: model(x).features)
     for inputs, _ in batches(dataset, batch_size):
-        for m, h in model.encode(to_device(inputs, device)).items():
+        for m, h in encode(to_device(inputs, device)).items():
             feats[m].append(h.float().cpu())
     model.train(was_training)
     return {m: torch.cat(v) for m, v in feats.items()}
@@ -228,7 +247,14 @@ class Trainer:
     RUN_FILES = ("checkpoint.pt", "summary.json")
 
     def __init__(self, cfg: dict, out_dir: str | Path | None = None, echo: Callable[[str], None] = print,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, data: Any = None, model_factory: Any = None) -> None:
+        """``data``: your own data instead of ``cfg``'s ``data.name`` (a dict of ``train``, ``val``
+        (optional), ``test`` Datasets, or a builder; see ``equimodal.data.register_dataset``);
+        ``model_factory``: a function that builds your model (see ``equimodal.models.factory``).
+        Both are registered in this process and recorded in the run's config."""
+        if data is not None or model_factory is not None:
+            from ..config import with_user_parts
+            cfg = with_user_parts(cfg, data, model_factory)
         self.cfg = copy.deepcopy(cfg)
         self.overwrite = overwrite
         self.resumed = False
@@ -329,6 +355,7 @@ class Trainer:
 
     # --- state --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Everything ``checkpoint.pt`` holds to resume exactly (tensors and plain values only)."""
         return {"config": self.cfg, "epoch": self.epoch, "stage_index": self.stage_index,
                 "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -342,6 +369,7 @@ class Trainer:
                 "scaler_skips": self.scaler_skips}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict`` (``resume`` does this after rebuilding the run from its config)."""
         self.method.load_state_dict(state["method"])
         index = state.get("stage_index", 0)
         if index != self.stage_index:
@@ -364,10 +392,12 @@ class Trainer:
         self.scaler_skips = int(state.get("scaler_skips", 0))
 
     @classmethod
-    def resume(cls, run_dir: str | Path, echo: Callable[[str], None] = print) -> "Trainer":
-        """Rebuild a run from ``run_dir/checkpoint.pt`` and continue after its last finished epoch."""
+    def resume(cls, run_dir: str | Path, echo: Callable[[str], None] = print, data: Any = None,
+               model_factory: Any = None) -> "Trainer":
+        """Rebuild a run from ``run_dir/checkpoint.pt`` and continue after its last finished epoch
+        (``data`` / ``model_factory``: give your own again when they were not importable by name)."""
         state = load_run_state(Path(run_dir) / "checkpoint.pt")
-        trainer = cls(state["config"], out_dir=run_dir, echo=echo)
+        trainer = cls(state["config"], out_dir=run_dir, echo=echo, data=data, model_factory=model_factory)
         trainer.load_state_dict(state)
         trainer.resumed = True
         return trainer
@@ -487,6 +517,8 @@ class Trainer:
             (self.out_dir / f).unlink()
 
     def fit(self) -> dict[str, Any]:
+        """Train the remaining epochs of every stage, checkpointing each, then ``finish``; returns the
+        summary also written to ``summary.json``."""
         t = self.cfg["train"]
         self.check_out_dir()
         _dist.barrier()  # every rank has checked the folder before rank 0 writes into it
@@ -561,7 +593,7 @@ class Trainer:
             probes = linear_probes_by_split(self.model, self.splits, self.device) if t["probe"] else {"test": {}, "val": {}}
         summary = {
             "method": self.cfg["method"]["name"], "dataset": self.cfg["data"]["name"], "seed": t["seed"],
-            "epochs": self.total_epochs, "fusion": self.cfg["model"]["fusion"], "estimator": self.model.estimator,
+            "epochs": self.total_epochs, "fusion": self.cfg["model"]["fusion"], "estimator": getattr(self.model, "estimator", "custom"),
             "modalities": list(self.model.modalities),
             "selection": t["select"], "selected_epoch": selected,
             "val_acc": self.history[selected]["val_acc"] if self.history else float("nan"),

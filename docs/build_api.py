@@ -1,0 +1,148 @@
+"""Write docs/api.md, the API reference, from the public names' signatures and docstrings.
+
+    python docs/build_api.py            # rewrite docs/api.md
+    python docs/build_api.py --check    # exit 1 if docs/api.md is out of date (tests/test_docs.py)
+
+Plain ``inspect``, no extra dependency; the output depends only on the source, so it is committed
+and a test keeps it current.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import re
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "api.md"
+
+#: (section title, intro, [(module, name), ...]) in reading order
+SECTIONS = [
+    ("Methods: the hook contract", "A method is an object with hooks that a training loop calls around "
+     "`backward()` and `step()`; every method's rule and defaults are in [methods.md](methods.md).", [
+        ("equimodal.methods", "Method"), ("equimodal.methods", "Stage"), ("equimodal.methods", "MethodData"),
+        ("equimodal.methods", "build_method"), ("equimodal.methods", "register_method"),
+        ("equimodal.methods", "available_methods"), ("equimodal.methods", "method_options"),
+        ("equimodal.methods", "run_stages")]),
+    ("Models: the model contract", "What a method may ask of a model. `MultimodalModel` wraps your "
+     "encoders (each with an `out_dim`) and a fusion head.", [
+        ("equimodal.models", "ModelOutput"), ("equimodal.models", "MultimodalModel"),
+        ("equimodal.models.factory", "register_model"), ("equimodal.models.factory", "build_user_model")]),
+    ("Data: built-in and your own", "Datasets are loaded by name; your own map-style Datasets join "
+     "through `register_dataset` (or `--dataset module:build`).", [
+        ("equimodal.data", "load_dataset"), ("equimodal.data", "dataset_options"),
+        ("equimodal.data", "dataset_modalities"), ("equimodal.data", "register_dataset"),
+        ("equimodal.data", "as_splits"), ("equimodal.data", "DataSplits"),
+        ("equimodal.data", "TensorMultimodalDataset"), ("equimodal.data", "UserDataset")]),
+    ("Training", "The trainer behind `equimodal train`, `bench` and `diagnose`.", [
+        ("equimodal.train", "Trainer"), ("equimodal.config", "load_config"), ("equimodal.config", "with_user_parts"),
+        ("equimodal.train", "build_model"), ("equimodal.train", "build_optimizer"), ("equimodal.train", "batches"),
+        ("equimodal.train", "evaluate"), ("equimodal.train", "linear_probes")]),
+    ("Diagnose and compare", "`equimodal diagnose` and `equimodal bench` from Python.", [
+        ("equimodal.api", "diagnose"), ("equimodal.api", "bench"), ("equimodal.api", "BenchResult")]),
+    ("Errors", "Every mistake in input is one of these (the CLI prints it in one line, exit code 2).", [
+        ("equimodal.errors", n) for n in ("EquimodalError", "ConfigError", "DataError", "DataNotFoundError",
+                                          "CheckpointError", "RunFolderError", "NonFiniteError")]),
+]
+
+
+def _annotation(value) -> str:
+    """Annotations are strings under ``from __future__ import annotations``: shown without quotes."""
+    if isinstance(value, str):
+        return value.strip("'\"")
+    return inspect.formatannotation(value)
+
+
+def _signature(obj) -> str:
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return "(...)"
+    parts, star_done = [], False
+    for p in sig.parameters.values():
+        if p.kind == p.KEYWORD_ONLY and not star_done:
+            parts.append("*")
+            star_done = True
+        if p.kind == p.VAR_POSITIONAL:
+            star_done = True
+        text = {p.VAR_POSITIONAL: "*", p.VAR_KEYWORD: "**"}.get(p.kind, "") + p.name
+        if p.annotation is not p.empty:
+            text += f": {_annotation(p.annotation)}"
+        if p.default is not p.empty:
+            text += (" = " if p.annotation is not p.empty else "=") + repr(p.default)
+        parts.append(text)
+    text = f"({', '.join(parts)})"
+    if sig.return_annotation is not sig.empty:
+        text += f" -> {_annotation(sig.return_annotation)}"
+    return re.sub(r" at 0x[0-9a-f]+", "", text)  # no memory addresses: the file must be reproducible
+
+
+def _doc(obj) -> str:
+    doc = inspect.getdoc(obj) or "(no docstring)"
+    return doc.replace("``", "`")
+
+
+def _members(cls) -> list[tuple[str, object]]:
+    """Public methods and properties defined on the class itself (inherited ones are documented on
+    their own class)."""
+    out = []
+    for name, value in cls.__dict__.items():
+        if name.startswith("_") and name != "__init__":
+            continue
+        if isinstance(value, (staticmethod, classmethod)):
+            value = value.__func__
+        if isinstance(value, property) or inspect.isfunction(value):
+            if name == "__init__" and not (value.__doc__ or "").strip():
+                continue
+            out.append((name, value))
+    return out
+
+
+def render() -> str:
+    lines = ["# API reference", "",
+             "Generated by `python docs/build_api.py` from the docstrings (do not edit by hand; "
+             "tests/test_docs.py checks it is current). Guides: the [README](../README.md); every "
+             "method: [methods.md](methods.md).", ""]
+    for title, intro, names in SECTIONS:
+        lines.append(f"- [{title}](#{re.sub(r'[^a-z0-9 -]', '', title.lower()).replace(' ', '-')})")
+    lines.append("")
+    for title, intro, names in SECTIONS:
+        lines += [f"## {title}", "", intro, ""]
+        for module, name in names:
+            obj = getattr(importlib.import_module(module), name)
+            kind = "class" if inspect.isclass(obj) else "function"
+            lines += [f"### `{module}.{name}`", "", "```python",
+                      f"{kind} {name}{_signature(obj)}" if kind == "function" or not issubclass(obj, BaseException)
+                      else f"class {name}({', '.join(b.__name__ for b in obj.__bases__)})", "```", "", _doc(obj), ""]
+            if inspect.isclass(obj) and not issubclass(obj, BaseException):
+                for member, value in _members(obj):
+                    if isinstance(value, property):
+                        lines += [f"- **`{member}`** (property): {_doc(value.fget) if value.fget else ''}"]
+                    else:
+                        shown = name if member == "__init__" else member
+                        doc = _doc(value).replace("\n", "\n  ")
+                        lines += [f"- **`{shown}{_signature(value)}`**", f"  {doc}"]
+                lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/api.md differs from the source")
+    args = parser.parse_args(argv)
+    text = render()
+    if args.check:
+        current = OUT.read_text() if OUT.is_file() else ""
+        if current != text:
+            print(f"{OUT} is out of date: run python docs/build_api.py", file=sys.stderr)
+            return 1
+        print(f"{OUT} is current")
+        return 0
+    OUT.write_text(text)
+    print(f"wrote {OUT} ({len(text.splitlines())} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""A user's own data in the trainer, ``bench`` and ``diagnose``.
+
+Any map-style ``torch.utils.data.Dataset`` whose items are ``(dict of tensors, label)`` works: the
+modalities are the dict's keys, the shapes those of the first item, the class count the largest
+label + 1 over all splits (or a ``num_classes`` attribute). Give the splits as a dict
+``{"train": ..., "val": ..., "test": ...}`` (``val`` optional: then a stratified ``val_fraction`` of
+train is held out, as for the built-in data), or a builder ``build(**options)`` that returns one::
+
+    from equimodal.data import register_dataset
+    register_dataset("mine", {"train": train_ds, "test": test_ds})      # data.name=mine
+    register_dataset("mine-built", build)                               # data.<option>=... reach build
+
+The CLI takes a builder by import path, ``--dataset my_pkg.data:build`` (``--set data.<option>=...``
+for its keyword options). The labels are read once per split: from a ``labels`` or ``targets``
+attribute when the dataset has one (fast), else by reading every item once.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .base import DataSplits, TensorMultimodalDataset, stratified_split
+
+#: the options every user dataset takes on top of its builder's own keyword parameters
+COMMON_OPTIONS: dict[str, Any] = {"val_fraction": 0.1, "split_seed": 0, "modalities": None}
+SPLIT_KEYS = ("train", "val", "test")
+
+
+def _as_label(value: Any, where: str) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise DataError(f"{where}: the label must be one integer, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise DataError(f"{where}: the label must be an integer class index, got {value!r}")
+    return int(value)
+
+
+def _check_item(item: Any, where: str) -> None:
+    if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], Mapping)):
+        raise DataError(f"{where}: an item must be (dict of tensors, label), got {type(item).__name__}"
+                        + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+    inputs = item[0]
+    if not inputs:
+        raise DataError(f"{where}: the inputs dict is empty; name at least one modality")
+    for m, x in inputs.items():
+        if not isinstance(m, str) or not isinstance(x, torch.Tensor):
+            raise DataError(f"{where}: inputs must map modality names to tensors; {m!r} holds {type(x).__name__}")
+
+
+class UserDataset(Dataset):
+    """A user's map-style dataset seen through what the trainer needs: ``labels`` (one tensor),
+    ``num_classes``, ``modalities``, ``subset(indices)``, ``select(modalities)``, and
+    ``dataset[list of indices]`` returning a stacked batch. Nothing is copied or loaded ahead: an
+    item is read from the wrapped dataset when the loader asks for it."""
+
+    def __init__(self, base: Dataset, name: str = "dataset", indices: torch.Tensor | None = None,
+                 modalities: tuple[str, ...] | None = None, labels: torch.Tensor | None = None,
+                 num_classes: int | None = None) -> None:
+        self.base, self.name = base, name
+        n = len(base)  # type: ignore[arg-type]
+        self.indices = torch.arange(n) if indices is None else torch.as_tensor(indices, dtype=torch.long)
+        if modalities is None:
+            if not len(self.indices):
+                raise DataError(f"{name}: the split is empty")
+            first = base[int(self.indices[0])]
+            _check_item(first, f"{name}[{int(self.indices[0])}]")
+            modalities = tuple(first[0])
+        self._modalities = tuple(modalities)
+        self.labels = self._read_labels() if labels is None else labels
+        self.num_classes = int(num_classes) if num_classes is not None else int(
+            getattr(base, "num_classes", 0) or (int(self.labels.max()) + 1 if len(self.labels) else 0))
+
+    def _read_labels(self) -> torch.Tensor:
+        for attr in ("labels", "targets"):
+            held = getattr(self.base, attr, None)
+            if held is not None and len(held) == len(self.base):  # type: ignore[arg-type]
+                full = torch.as_tensor(held).long().flatten()
+                return full[self.indices]
+        return torch.tensor([_as_label(self.base[int(i)][1], f"{self.name}[{int(i)}]") for i in self.indices],
+                            dtype=torch.long)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities kept (all of the first item's keys unless ``select`` chose some)."""
+        return self._modalities
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def __getitem__(self, index):
+        if isinstance(index, (list, tuple, torch.Tensor)):  # a batch: one stacked tensor per modality
+            items = [self[int(i)] for i in index]
+            return ({m: torch.stack([it[0][m] for it in items]) for m in self._modalities},
+                    torch.stack([it[1] for it in items]))
+        where = int(self.indices[index])
+        item = self.base[where]
+        _check_item(item, f"{self.name}[{where}]")
+        inputs = item[0]
+        missing = [m for m in self._modalities if m not in inputs]
+        if missing:
+            raise DataError(f"{self.name}[{where}]: no modality {missing}; the item has {sorted(inputs)}")
+        return ({m: inputs[m] for m in self._modalities},
+                torch.tensor(_as_label(item[1], f"{self.name}[{where}]"), dtype=torch.long))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passed on to the wrapped dataset, for per-epoch augmentation (if it has ``set_epoch``)."""
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def subset(self, indices: torch.Tensor) -> "UserDataset":
+        """A view of the samples at ``indices`` (nothing is read or copied)."""
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return UserDataset(self.base, self.name, self.indices[idx], self._modalities, self.labels[idx], self.num_classes)
+
+    def select(self, modalities: list[str] | tuple[str, ...]) -> "UserDataset":
+        """A view with only the named modalities (in that order)."""
+        unknown = [m for m in modalities if m not in self._modalities]
+        if unknown:
+            raise KeyError(f"unknown modalities {unknown}; this dataset has {list(self._modalities)}")
+        return UserDataset(self.base, self.name, self.indices, tuple(modalities), self.labels, self.num_classes)
+
+
+def _wrap(dataset: Any, where: str) -> TensorMultimodalDataset | UserDataset:
+    if isinstance(dataset, (TensorMultimodalDataset, UserDataset)):
+        return dataset
+    if not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise DataError(f"{where}: expected a map-style Dataset (with __getitem__ and __len__), "
+                        f"got {type(dataset).__name__}")
+    return UserDataset(dataset, where)
+
+
+def as_splits(data: Any, name: str = "custom", val_fraction: float = 0.1, split_seed: int = 0,
+              modalities: list[str] | tuple[str, ...] | None = None) -> DataSplits:
+    """``DataSplits`` from a dict ``{"train", "val" (optional), "test"}`` of map-style Datasets (or
+    ``DataSplits`` as is). Without ``val`` a stratified ``val_fraction`` of train is held out
+    (``split_seed``), exactly as for the built-in data; ``modalities`` keeps those, in that order."""
+    if isinstance(data, DataSplits):
+        parts: dict[str, Any] = {"train": data.train, "val": data.val, "test": data.test}
+    elif isinstance(data, Mapping):
+        extra = sorted(set(data) - set(SPLIT_KEYS))
+        if extra:
+            raise DataError(f"dataset {name!r}: unknown split(s) {extra}; give 'train', 'test' and optionally 'val'")
+        missing = [k for k in ("train", "test") if data.get(k) is None]
+        if missing:
+            raise DataError(f"dataset {name!r}: no {' or '.join(repr(k) for k in missing)} split; give 'train', "
+                            "'test' and optionally 'val' (then carved from train)")
+        parts = {k: data[k] for k in SPLIT_KEYS if data.get(k) is not None}
+    else:
+        raise DataError(f"dataset {name!r}: expected a dict of 'train', 'val' (optional) and 'test' Datasets, "
+                        f"got {type(data).__name__}")
+    wrapped = {k: _wrap(ds, f"{name}:{k}") for k, ds in parts.items()}
+    mods = {k: tuple(ds.modalities) for k, ds in wrapped.items()}
+    if len(set(mods.values())) > 1:
+        raise DataError(f"dataset {name!r}: the splits have different modalities {mods}")
+    classes = max(ds.num_classes for ds in wrapped.values())
+    for k, ds in wrapped.items():
+        if len(ds) and (int(ds.labels.min()) < 0):
+            raise DataError(f"dataset {name!r}: split {k!r} has a negative label {int(ds.labels.min())}")
+        if isinstance(ds, UserDataset):
+            ds.num_classes = classes
+        elif ds.num_classes != classes:
+            wrapped[k] = TensorMultimodalDataset(ds.inputs, ds.labels, classes)
+    if "val" not in wrapped:
+        keep, held = stratified_split(wrapped["train"].labels, val_fraction, split_seed)
+        wrapped["val"] = wrapped["train"].subset(held)
+        wrapped["train"] = wrapped["train"].subset(keep)
+    if modalities:
+        available = list(wrapped["train"].modalities)
+        unknown = [m for m in modalities if m not in available]
+        if unknown:
+            raise DataError(f"data.modalities: dataset {name!r} has no modality {unknown}; it has {available}")
+        wrapped = {k: ds.select(list(modalities)) for k, ds in wrapped.items()}
+    for k in SPLIT_KEYS:
+        if not len(wrapped[k]):
+            raise DataError(f"dataset {name!r}: the {k} split is empty")
+    return DataSplits(wrapped["train"], wrapped["val"], wrapped["test"], name=name)
+
+
+def make_loader(name: str, source: Any, on_load: Callable[[DataSplits], None] | None = None) -> Callable[..., DataSplits]:
+    """A loader for ``DATASETS``: ``source`` is the data (a dict of splits, ``DataSplits``) or a
+    builder ``build(**options)`` returning it. The loader's options (its signature, which the config
+    checks keys against) are the builder's keyword parameters plus ``val_fraction``, ``split_seed``
+    and ``modalities`` (``None``: all the data's modalities)."""
+    builder = source if callable(source) and not isinstance(source, (Mapping, DataSplits, Dataset)) else None
+    params: list[inspect.Parameter] = []
+    if builder is not None:
+        try:
+            sig = inspect.signature(builder)
+        except (TypeError, ValueError):
+            sig = inspect.Signature()
+        for p in sig.parameters.values():
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                continue
+            if p.default is inspect.Parameter.empty:
+                raise DataError(f"dataset {name!r}: the builder {getattr(builder, '__name__', builder)!r} has a "
+                                f"parameter {p.name!r} without a default; every option needs one")
+            params.append(p.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+    own = {p.name for p in params}
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v)
+               for k, v in COMMON_OPTIONS.items() if k not in own]
+
+    def load(**options: Any) -> DataSplits:
+        common = {k: options.get(k, COMMON_OPTIONS[k]) for k in COMMON_OPTIONS}
+        if builder is None:
+            data = source
+        else:
+            data = builder(**{k: v for k, v in options.items() if k in own})
+            if data is None:
+                raise DataError(f"dataset {name!r}: the builder returned None; it must return a dict of "
+                                "'train', 'val' (optional) and 'test' Datasets")
+        full = as_splits(data, name, common["val_fraction"], common["split_seed"])
+        if on_load is not None:
+            on_load(full)
+        if common["modalities"]:
+            return as_splits(full, name, modalities=common["modalities"])
+        return full
+
+    load.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    load.__name__ = f"load_{name}"
+    load.__doc__ = getattr(builder, "__doc__", None) or f"The user dataset {name!r}."
+    return load
