@@ -45,24 +45,29 @@ def bench(data: Any, methods: Sequence[str] = ("joint", "ogm-ge"), seeds: Sequen
           out: str | Path = "bench_out", *, model: Callable[..., Any] | str | None = None,
           overrides: Sequence[str] = (), alone: bool = False, baseline: str = "joint", name: str | None = None,
           data_options: dict[str, Any] | None = None, plots: bool = True, progress: bool = False,
-          echo: Callable[[str], None] = print) -> BenchResult:
+          echo: Callable[[str], None] = print, tune: bool = False, tune_seeds: Sequence[int] | None = None,
+          equal_epochs: bool = False, jobs: int = 1) -> BenchResult:
     """Train every method (``"ogm-boost:mode=both"`` for options) x seed on ``data`` with the same
     budget and write ``out/results.csv``, ``out/results.md`` (fused and per-modality accuracy,
     linear probes, difference to ``baseline`` with a paired 95% interval) and plots; as
     ``equimodal bench``. ``alone`` adds each modality trained alone; ``overrides`` are
-    ``"section.key=value"`` strings applied to every run (``"train.epochs=5"``)."""
-    from .analysis.bench import run_grid, summarise
+    ``"section.key=value"`` strings applied to every run (``"train.epochs=5"``). ``tune``,
+    ``tune_seeds``, ``equal_epochs`` and ``jobs`` as the command's ``--tune``, ``--tune-seeds``,
+    ``--equal-epochs`` and ``--jobs`` (a dataset given as Python objects needs ``jobs=1``: the
+    other processes cannot see it)."""
+    from .analysis.bench import bench_grid, summarise
     from .analysis.plots import all_plots
     from .config import load_config
     from .data import dataset_modalities
 
     dataset, extra = _user_overrides(data, model, name, data_options)
-    sets = [*extra, *overrides]
+    sets = [*extra, *overrides, *(["train.stage_budget=shared"] if equal_epochs else [])]
     specs = list(methods)
     if alone:
         cfg = load_config(overrides=[f"data.name={dataset}", *sets])["data"]
         specs += [f"alone:{m}" for m in dataset_modalities(dataset, cfg)]
-    results = run_grid(dataset, specs, list(seeds), out, sets, echo=echo, progress=progress)
+    results = bench_grid(dataset, specs, list(seeds), out, sets, tune=tune, baseline=baseline, echo=echo,
+                         tune_seeds=list(tune_seeds) if tune_seeds else None, progress=progress, jobs=jobs)
     out = Path(out)
     table = ""
     if results:

@@ -175,7 +175,7 @@ def _prepare_clips(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .analysis.bench import pick_tuned, run_grid, summarise, tuning_settings
+    from .analysis.bench import bench_grid, summarise, tuning_settings
     from .analysis.plots import all_plots
     from .config import ConfigError, load_config
 
@@ -190,39 +190,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.alone:
             from .data import dataset_modalities
             methods += [f"alone:{m}" for m in dataset_modalities(cfg["data"]["name"], cfg["data"])]
-        settings = {spec: (tuning_settings(spec, cfg["optim"]["lr"]) if args.tune else [spec]) for spec in methods}
-        grid = list(dict.fromkeys(sp for specs in settings.values() for sp in specs))
-        tune_seeds = [int(s) for s in args.tune_seeds.split(",") if s.strip()] if args.tune_seeds else seeds
-        if args.tune and not set(tune_seeds) <= set(seeds):
-            raise ConfigError(f"--tune-seeds {tune_seeds} must be among --seeds {seeds}")
-        progress = not args.no_progress
+        tune_seeds = [int(s) for s in args.tune_seeds.split(",") if s.strip()] if args.tune_seeds else None
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
         if args.plan:
-            return _print_plan(args, grid, tune_seeds if args.tune else seeds, overrides)
-        grid_opts = {"progress": progress, "jobs": args.jobs, "collect_only": args.collect,
-                     "devices": [d for d in (args.devices or "").split(",") if d] or None}
-        results = run_grid(args.dataset, grid, tune_seeds if args.tune else seeds, args.out, overrides, **grid_opts)
-        failures, missing = list(results.failures), list(results.missing)
-        if args.tune and results:  # every rank picks the same (from the same files) and runs the same
-            picked = pick_tuned(results, settings, args.out)
-            if tune_seeds != seeds:  # the picked settings, now with every seed (the tuning runs are reused)
-                specs = list(dict.fromkeys(r["tuned_spec"] for r in picked))
-                final = run_grid(args.dataset, specs, seeds, args.out, overrides, **grid_opts)
-                failures += final.failures
-                missing += final.missing
-                choice = {r["tuned_spec"]: (r["label"], r["tuned"]) for r in picked}
-                picked = [{**r, "label": choice[r["label"]][0], "tuned": choice[r["label"]][1]} for r in final]
-            elif is_main_process():
-                summarise([r for r in results if r["label"] in settings], out, baseline=args.baseline,
-                          stem="results_default")
-                print(f"wrote {out / 'results_default.md'} (every row at its defaults, untuned)")
-            if is_main_process():
-                print(f"wrote {out / 'tuning.md'} (every setting, the picks)")
-            results = picked
+            grid = list(dict.fromkeys(sp for spec in methods for sp in
+                                      (tuning_settings(spec, cfg["optim"]["lr"]) if args.tune else [spec])))
+            return _print_plan(args, grid, (tune_seeds or seeds) if args.tune else seeds, overrides)
+        results = bench_grid(args.dataset, methods, seeds, out, overrides, tune=args.tune, tune_seeds=tune_seeds,
+                             baseline=args.baseline, progress=not args.no_progress, jobs=args.jobs,
+                             collect_only=args.collect,
+                             devices=[d for d in (args.devices or "").split(",") if d] or None)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    failures, missing = results.failures, results.missing
     if not is_main_process():  # torchrun: every rank trained; rank 0 reports
         return 1 if failures else 0
     if args.collect and missing:
@@ -235,7 +217,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         print(f"wrote {out / 'results.csv'} and {out / 'results.md'}")
     if failures:
-        (out / "failures.json").write_text(json.dumps(failures, indent=2))  # every phase's, together
         print(f"error: {len(failures)} run(s) failed (details in {out / 'failures.json'}):", file=sys.stderr)
         for f in failures:
             print(f"  {f['label']} seed {f['seed']}: {f['error']}", file=sys.stderr)

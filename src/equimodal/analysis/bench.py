@@ -21,7 +21,7 @@ import yaml
 
 from ..config import load_config
 from .._dist import is_main_process
-from ..errors import RunFolderError
+from ..errors import ConfigError, RunFolderError
 from .stats import fmt_pct, mean_std, paired_difference
 
 
@@ -259,6 +259,44 @@ def pick_tuned(results: list[dict[str, Any]], settings: dict[str, list[str]], ou
     if is_main_process():
         (Path(out) / "tuning.md").write_text("\n".join(lines) + f"\n\n{note}\n")
     return picked
+
+
+def bench_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path, overrides: list[str],
+               tune: bool = False, tune_seeds: list[int] | None = None, baseline: str = "joint",
+               echo: Callable[[str], None] = print, **grid_opts: Any) -> GridResults:
+    """The whole ``bench``: every row (``methods``) x seed, and with ``tune`` every row's settings
+    (``tuning_settings``) on ``tune_seeds`` (default: all), the pick per row on validation
+    (``pick_tuned``, ``tuning.md``), then the picks on every seed. Returns the rows' results (the
+    picks, labelled with their row and ``tuned``), with every phase's ``failures`` and ``missing``.
+    ``grid_opts`` go to ``run_grid`` (``jobs``, ``devices``, ``collect_only``, ``progress``)."""
+    from ..config import load_config
+
+    lr = load_config(overrides=[f"data.name={dataset}", *overrides])["optim"]["lr"]
+    settings = {spec: (tuning_settings(spec, lr) if tune else [spec]) for spec in methods}
+    grid = list(dict.fromkeys(sp for specs in settings.values() for sp in specs))
+    tune_seeds = list(tune_seeds or seeds)
+    if tune and not set(tune_seeds) <= set(seeds):
+        raise ConfigError(f"--tune-seeds {tune_seeds} must be among --seeds {seeds}")
+    results = run_grid(dataset, grid, tune_seeds if tune else seeds, out, overrides, echo=echo, **grid_opts)
+    failures, missing = list(results.failures), list(results.missing)
+    if tune and results:  # every rank picks the same (from the same files) and runs the same
+        picked = pick_tuned(results, settings, out)
+        if tune_seeds != list(seeds):  # the picked settings, now with every seed (the tuning runs are reused)
+            specs = list(dict.fromkeys(r["tuned_spec"] for r in picked))
+            final = run_grid(dataset, specs, seeds, out, overrides, echo=echo, **grid_opts)
+            failures += final.failures
+            missing += final.missing
+            choice = {r["tuned_spec"]: (r["label"], r["tuned"]) for r in picked}
+            picked = [{**r, "label": choice[r["label"]][0], "tuned": choice[r["label"]][1]} for r in final]
+        elif is_main_process():
+            summarise([r for r in results if r["label"] in settings], out, baseline=baseline, stem="results_default")
+            echo(f"wrote {Path(out) / 'results_default.md'} (every row at its defaults, untuned)")
+        echo(f"wrote {Path(out) / 'tuning.md'} (every setting, the picks)")
+        results = GridResults(picked)
+    results.failures, results.missing = failures, missing
+    if failures and is_main_process():
+        (Path(out) / "failures.json").write_text(json.dumps(failures, indent=2))  # every phase's, together
+    return results
 
 
 def encoder_passes(summary: dict[str, Any]) -> float | None:
