@@ -109,6 +109,39 @@ def test_bf16_mixed_precision_runs(tmp_path):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_a_step_the_fp16_scaler_skips_leaves_the_method_state_unchanged(tmp_path):
+    t = Trainer(load_config(overrides=[*SMALL, "method.name=ogm-ge", "train.epochs=1", "train.batch_size=40",
+                                       "data.n_train=200"]), out_dir=tmp_path / "ours", echo=lambda s: None)
+    model = build_model(t.cfg["model"], t.splits)
+    calls = {"n": 0}
+
+    def overflow_on_third_step(grad):
+        calls["n"] += 1
+        return torch.full_like(grad, float("inf")) if calls["n"] == 3 else grad
+
+    next(model.encoder("audio").parameters()).register_hook(overflow_on_third_step)
+    method = build_method("ogm-ge")
+    seen = []
+    original = method.before_step
+
+    def record(m):
+        seen.append((method.step, method._trace.clone() if method._trace is not None else None))
+        original(m)
+
+    method.before_step = record
+    callback = EquimodalCallback(method)
+    # Lightning turns precision="16-mixed" into bf16 on the CPU; its fp16 plugin with a scaler runs there too
+    fp16 = pl.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, plugins=[fp16],
+                         callbacks=[callback])
+    trainer.fit(Module(model, method, t.cfg["optim"]), seeded_loader(t.splits.train, 40))
+    assert trainer.precision_plugin.scaler is not None
+    assert len(seen) == 5 and callback.skipped_steps == 1 and callback.optimizer_steps == 4
+    assert seen[3][0] == seen[2][0] and torch.equal(seen[3][1], seen[2][1])  # the 4th step saw the 3rd's state
+    assert method.step == 4
+
+
 @pytest.mark.parametrize("name, what", [("distill", "stages"), ("ssl", "stages"), ("mla", "optimizer step per modality"),
                                         ("valuation", "rebuilds the training set")])
 def test_methods_the_callback_cannot_drive_are_refused_by_name(name, what):
