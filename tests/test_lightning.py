@@ -83,6 +83,7 @@ def test_two_epochs_of_ogm_ge_match_our_trainer_step_by_step(tmp_path):
     # method.log() went through pl_module.log: the last epoch's mean k per modality
     assert {"k/audio", "k/visual", "rho/audio", "rho/visual"} <= set(trainer.logged_metrics)
     assert float(trainer.logged_metrics["k/visual"]) == pytest.approx(t.history[-1]["k/visual"], rel=1e-4)
+    assert float(trainer.logged_metrics["step/k/visual"]) == pytest.approx(float(seen[-1][0]))  # the last step's
 
 
 def test_gradient_accumulation_uses_the_whole_effective_batch(tmp_path):
@@ -140,6 +141,33 @@ def test_a_step_the_fp16_scaler_skips_leaves_the_method_state_unchanged(tmp_path
     assert len(seen) == 5 and callback.skipped_steps == 1 and callback.optimizer_steps == 4
     assert seen[3][0] == seen[2][0] and torch.equal(seen[3][1], seen[2][1])  # the 4th step saw the 3rd's state
     assert method.step == 4
+
+
+def test_a_resumed_fit_continues_the_method_state(tmp_path):
+    from equimodal.data import load_dataset
+    from equimodal.models import MultimodalModel, SmallCNN
+    data = load_dataset("synthetic", n_train=200, n_test=40)
+
+    def fit(epochs, root, ckpt_path=None):
+        torch.manual_seed(0)
+        model = MultimodalModel({m: SmallCNN(width=8, out_dim=16) for m in ("visual", "audio")}, num_classes=10)
+        method = build_method("ogm-ge")
+        seen = record_coefficients(method)
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, default_root_dir=root,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[EquimodalCallback(method)])
+        trainer.fit(Module(model, method, {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}),
+                    seeded_loader(data.train, 40), ckpt_path=ckpt_path)
+        return method, seen
+
+    whole, expected = fit(2, tmp_path / "whole")
+    fit(1, tmp_path / "cut")
+    ckpt = next((tmp_path / "cut").glob("**/*.ckpt"))
+    resumed, seen = fit(2, tmp_path / "cut", ckpt_path=ckpt)
+    assert resumed.step == whole.step == 2 * 5  # the step counter (GE noise seed) came back from the checkpoint
+    assert len(seen) == 5
+    for a, b in zip(expected[5:], seen):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name, what", [("distill", "stages"), ("ssl", "stages"), ("mla", "optimizer step per modality"),

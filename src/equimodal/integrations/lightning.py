@@ -17,6 +17,8 @@ method hook                 Lightning hook
                             a step-interval LR scheduler and ``zero_grad``; on a step the fp16
                             ``GradScaler`` skips (overflow) the method's state is restored first,
                             as in our trainer, so it does not advance
+``step_log``                ``on_train_batch_end`` after a step: ``step/<name>`` (OGM's k and rho per
+                            modality) through ``pl_module.log_dict(on_step=True)``
 ``log`` / ``on_epoch_end``  ``on_train_epoch_end``: ``method.log()`` goes to ``pl_module.log_dict``
 ==========================  =====================================================================
 
@@ -125,14 +127,15 @@ class EquimodalCallback(pl.Callback):
     (``pmr``, ``gblend``) and, with ``data.val``, the per-modality validation accuracy passed to
     ``on_epoch_end`` (``mslr`` decides on it); its ``device`` is set to the module's. ``seed``:
     seeds the method's own generators (OGM-GE's noise), as ``train.seed`` does in our trainer.
-    ``prefix``: put before every logged name (``k/audio`` -> ``{prefix}k/audio``).
+    ``prefix``: put before every logged name (``k/audio`` -> ``{prefix}k/audio``). ``log_steps``:
+    also log the method's per-step figures (``Method.step_log``) as ``step/<name>`` at every step.
 
     After fitting, ``optimizer_steps`` counts the steps taken and ``skipped_steps`` those the fp16
     scaler skipped. The method's state is saved in Lightning checkpoints and restored on resume.
     """
 
     def __init__(self, method: Method, model: nn.Module | None = None, data: MethodData | None = None,
-                 seed: int = 0, prefix: str = "") -> None:
+                 seed: int = 0, prefix: str = "", log_steps: bool = True) -> None:
         super().__init__()
         check_supported(method)
         self.method = method
@@ -140,6 +143,8 @@ class EquimodalCallback(pl.Callback):
         self.data = data
         self.seed = int(seed)
         self.prefix = prefix
+        self.log_steps = log_steps
+        self._step_figures: dict[str, Any] = {}
         self.optimizer_steps = 0
         self.skipped_steps = 0
         self._pending = False  # before_step ran, after_step not yet
@@ -233,6 +238,8 @@ class EquimodalCallback(pl.Callback):
             self._pending = False
             self.optimizer_steps += 1
             self.method.after_step(self.model)
+            if self.log_steps:
+                self._step_figures = self.method.step_log()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
@@ -243,6 +250,10 @@ class EquimodalCallback(pl.Callback):
             self.skipped_steps += 1
             self.method.after_step(self.model)
         self._snapshot = None
+        if self._step_figures:  # 0-d tensors on the device: Lightning copies them when its logger writes
+            pl_module.log_dict({f"{self.prefix}step/{k}": v for k, v in self._step_figures.items()},
+                               on_step=True, on_epoch=False)
+            self._step_figures = {}
 
     # --- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
