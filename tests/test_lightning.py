@@ -170,7 +170,8 @@ def test_a_resumed_fit_continues_the_method_state(tmp_path):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, what", [("distill", "stages"), ("ssl", "stages"), ("mla", "optimizer step per modality"),
+@pytest.mark.parametrize("name, what", [("distill", "stages"), ("ssl", "stages"), ("umt", "stages"), ("dimml", "stages"),
+                                        ("reconboost", "stages"), ("mla", "optimizer step per modality"),
                                         ("valuation", "rebuilds the training set")])
 def test_methods_the_callback_cannot_drive_are_refused_by_name(name, what):
     with pytest.raises(UnsupportedMethodError, match=what) as info:

@@ -22,7 +22,7 @@ method hook                 Lightning hook
 ``log`` / ``on_epoch_end``  ``on_train_epoch_end``: ``method.log()`` goes to ``pl_module.log_dict``
 ==========================  =====================================================================
 
-Methods that train in several stages (``distill``, ``ssl``, ``ume``, ``umt``, ``dimml``,
+Methods that train in several stages (``distill``, ``ssl``, ``umt``, ``dimml``,
 ``reconboost``), take several optimizer steps per batch (``mla``) or resample the training set
 (``valuation``) need a fresh optimizer per stage or control of the data loop; they are refused with
 ``UnsupportedMethodError`` (use ``equimodal.train.Trainer`` or ``equimodal.methods.run_stages``).
@@ -195,6 +195,9 @@ class EquimodalCallback(pl.Callback):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.on_fit_end(trainer, pl_module)  # a failed fit leaves no hook on the optimizer
 
     # --- per epoch ------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
