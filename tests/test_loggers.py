@@ -4,7 +4,6 @@ import json
 import sys
 
 import pytest
-import torch
 
 from equimodal.config import load_config
 from equimodal.errors import ConfigError
