@@ -31,8 +31,11 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
               "step_size": 10, "gamma": 0.1, "clip_grad_norm": None},
     "train": {"epochs": 12, "batch_size": 64, "accumulate": 1, "num_workers": 0, "seed": 0, "device": "auto", "precision": "auto",
-              "select": "last", "stage_budget": "each", "probe": True, "out": None, "progress": True, "on_nan": "stop"},
+              "select": "last", "stage_budget": "each", "probe": True, "out": None, "progress": True, "on_nan": "stop",
+              "loggers": ["jsonl"]},
 }
+#: names allowed in ``train.loggers`` (``equimodal.train.loggers``)
+LOGGERS = ("jsonl", "csv", "tensorboard", "wandb")
 
 CHOICES: dict[str, tuple] = {
     "model.encoder": ("auto", "cnn", "mlp"),
@@ -164,6 +167,11 @@ def resolve(raw: dict) -> dict:
     clip = cfg["optim"]["clip_grad_norm"]
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0):
         raise ConfigError(f"optim.clip_grad_norm: expected null or a number > 0, got {clip!r}")
+    loggers = cfg["train"]["loggers"]
+    unknown = [x for x in loggers if x not in LOGGERS]
+    if unknown or len(set(map(str, loggers))) != len(loggers):
+        raise ConfigError(f"train.loggers: {loggers!r} must name each of {list(LOGGERS)} at most once"
+                          + (f"; unknown: {unknown}" if unknown else ""))
     device = cfg["train"]["device"]
     if not (device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:")):
         raise ConfigError(f"train.device: {device!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")

@@ -33,3 +33,7 @@ class RunFolderError(EquimodalError, ValueError):
 
 class NonFiniteError(EquimodalError, FloatingPointError):
     """Training produced a NaN or infinite loss or gradient."""
+
+
+class UnsupportedMethodError(EquimodalError, ValueError):
+    """A method cannot run under a given loop or integration (the message says what to use instead)."""

@@ -253,6 +253,13 @@ class Method:
         """Figures gathered since the last call (the trainer calls it once per epoch), then reset."""
         return {}
 
+    def step_log(self) -> dict[str, torch.Tensor | float]:
+        """Figures of the optimizer step just taken (e.g. ``{"k/audio": k_audio}``), for per-step
+        traces (``train.loggers``); the trainer calls it after ``after_step``, only when a logger
+        records steps. 0-d tensors may stay on the device (the trainer converts an epoch's at once);
+        return fresh values, not tensors later changed in place. Default: none."""
+        return {}
+
     def log_stage(self) -> dict[str, Any]:
         """Extra figures for the end-of-stage report of a multi-stage method (e.g. the chosen teacher)."""
         return {}

@@ -274,6 +274,12 @@ class AGM(Method):
         self.seen += 1
         self.step += 1
 
+    def step_log(self) -> dict[str, torch.Tensor]:
+        """This step's coefficient per modality (on the device; no host sync here)."""
+        if self.last_coefficients is None:
+            return {}
+        return {f"k/{m}": self.last_coefficients[i] for i, m in enumerate(self._modalities)}
+
     def _clip(self, model: nn.Module) -> None:
         """The official rule, without a host sync: if any head gradient entry exceeds ``clip_grad``
         in absolute value, scale every gradient so the total norm is at most ``clip_grad``."""

@@ -213,6 +213,13 @@ class OGMGE(Method):
         self._trace = None
         return out
 
+    def step_log(self) -> dict[str, torch.Tensor]:
+        """This step's rho and k per modality (on the device; no host sync here)."""
+        if self.last_coefficients is None:
+            return {}
+        return {**{f"rho/{m}": self.last_ratios[i] for i, m in enumerate(self._modalities)},
+                **{f"k/{m}": self.last_coefficients[i] for i, m in enumerate(self._modalities)}}
+
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "trace": self._trace}
 

@@ -31,6 +31,7 @@ from ..models import ENCODERS, MultimodalModel
 from ..models.factory import build_user_model
 from .cost import CostMeter
 from .checkpoint import load_run_state, remove_stale_temporaries, save_checkpoint
+from .loggers import RunLoggers
 from .metrics import accuracy, linear_probe_scores, macro_f1
 
 
@@ -283,6 +284,7 @@ class Trainer:
         self.precision = resolve_precision(t, self.device)
         self.scaler = make_grad_scaler(self.device) if self.precision == "fp16" else None
         self.scaler_skips = 0
+        self.loggers = RunLoggers(t.get("loggers", ["jsonl"]), enabled=self.rank == 0)  # train.loggers
         torch.manual_seed(t["seed"])
         data_opts = {k: v for k, v in self.cfg["data"].items() if k != "name"}
         if "progress" in data_opts:  # a loader that builds a cache shows bars only when the run does
@@ -476,6 +478,7 @@ class Trainer:
                     self.optimizer.step()
                 self.optimizer_steps += 1
                 method.after_step(self.model)
+                self.loggers.step(self.optimizer_steps, epoch, name, method.step_log)  # per-step traces
                 self.optimizer.zero_grad(set_to_none=True)
         bar.close()
         stats = {k: float(v) / max(1, steps) for k, v in sums.items()}
@@ -527,6 +530,7 @@ class Trainer:
             remove_stale_temporaries(self.out_dir / "checkpoint.pt")  # left by a writer killed mid-write
             (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
             self._rewrite_metrics()
+            self.loggers.open(self.out_dir, self.cfg, self.history, self.optimizer_steps, resumed=self.epoch > 0)
         last_stage = len(self.plan) - 1
         while self.epoch < self.total_epochs:
             epoch = self.epoch
@@ -559,6 +563,7 @@ class Trainer:
             self.epoch = epoch + 1
             if self.rank == 0:
                 self._append_metrics(record)
+                self.loggers.epoch(record, self.optimizer_steps)
                 save_checkpoint(self.state_dict(), self.out_dir / "checkpoint.pt")
             self.echo(format_epoch(record, self.total_epochs))
             if self.stage_reports and self.stage_reports[-1]["stage"] == name and stage_epoch == stage_epochs - 1:
@@ -618,6 +623,7 @@ class Trainer:
             summary["fp16_skipped_steps"] = self.scaler_skips
         if self.rank == 0:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.loggers.finish(summary, self.optimizer_steps)
         self.echo(format_summary(summary))
         return summary
 
