@@ -3,6 +3,7 @@
 # rates for joint and the single-modality rows; picked on validation), equal epochs
 # (--equal-epochs: multi-stage methods share train.epochs), 3 seeds, every modality alone as the
 # reference. Resumable: rerun to continue (finished cells are reused if their config matches).
+#   GRID=synthetic-fair  the default data: joint, alone x2, OGM-GE, OGM-boost, the four proposals
 #   GRID=mfeat        the 6 views of UCI mfeat: joint, alone x6, OGM-GE with the N-modality
 #                     coefficient forms and ratio rules, the four proposals
 #   GRID=mfeat-hard   the four weakest views (fou, kar, mor, zer), same rows
@@ -15,6 +16,8 @@ cd "$(dirname "$0")/.."
 OURS="joint,ogm-ge:params=all,ogm-ge:params=all:coefficient=continuous,ogm-ge:params=all:ratio=min"
 OURS="$OURS,ogm-ge:params=all:ratio=pairwise,ogm-boost:params=all,uncertainty,distill,ssl"
 case "${GRID:?set GRID}" in
+  synthetic-fair) dataset=synthetic; extra=()
+               methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl" ;;
   mfeat)       dataset=mfeat; methods="$OURS"; extra=() ;;
   mfeat-hard)  dataset=mfeat; methods="$OURS"; extra=(--set "data.modalities=[fou,kar,mor,zer]") ;;
   mfeat-peers) dataset=mfeat; extra=()
