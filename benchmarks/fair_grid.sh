@@ -7,6 +7,8 @@
 #   GRID=mfeat        the 6 views of UCI mfeat: joint, alone x6, OGM-GE with the N-modality
 #                     coefficient forms and ratio rules, the four proposals
 #   GRID=mfeat-hard   the four weakest views (fou, kar, mor, zer), same rows
+#   GRID=mfeat-weak3  the three weakest views (fou, mor, zer: 72-84% alone), where the fused model
+#                     is off its ceiling, same rows
 #   GRID=mfeat-peers  every other method supporting N modalities on the 6 views, tuned
 #   GRID=avdigits-fair AV-Digits: joint, alone x2, OGM-GE, the four proposals, the best peers
 set -euo pipefail
@@ -20,6 +22,7 @@ case "${GRID:?set GRID}" in
                methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl" ;;
   mfeat)       dataset=mfeat; methods="$OURS"; extra=() ;;
   mfeat-hard)  dataset=mfeat; methods="$OURS"; extra=(--set "data.modalities=[fou,kar,mor,zer]") ;;
+  mfeat-weak3) dataset=mfeat; methods="$OURS"; extra=(--set "data.modalities=[fou,mor,zer]") ;;
   mfeat-peers) dataset=mfeat; extra=()
                methods="joint,modality-dropout,opm,gblend,agm,pmr,mmpareto,mslr,mmcosine,mbsd,cml,amco,mla,umt,ume,reconboost,relearn,inforeg,lfm,dimml,valuation,remix,arl,aug,midas" ;;
   avdigits-fair) dataset=avdigits; extra=()
