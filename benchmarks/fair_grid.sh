@@ -41,7 +41,7 @@ end=$(date +%s)
 {
   echo
   echo "Ran: \`GRID=$GRID bash benchmarks/fair_grid.sh\` ($(date -u +%Y-%m-%d), $((end - start)) s wall for the runs"
-  echo "not reused), on $(nproc) CPU cores ($(uname -m)), torch $(python -c 'import torch; print(torch.__version__)'),"
+  echo "not reused), on $(nproc --all) CPU cores ($(uname -m)), torch $(python -c 'import torch; print(torch.__version__)'),"
   echo "with other jobs sharing the CPU, so s / epoch is indicative only. Exit status $status."
   echo "Tuning seeds: ${TUNE_SEEDS:-0,1,2} (the picks then ran with seeds 0,1,2)."
 } | tee -a "$out/results.md" >> "$out/tuning.md"
