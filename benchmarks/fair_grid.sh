@@ -8,25 +8,28 @@
 #                     coefficient forms and ratio rules, the four proposals
 #   GRID=mfeat-hard   the four weakest views (fou, kar, mor, zer), same rows
 #   GRID=mfeat-weak3  the three weakest views (fou, mor, zer: 72-84% alone), where the fused model
-#                     is off its ceiling, same rows
+#                     is off its ceiling: the same rows, the best peers and the 2025 methods
 #   GRID=mfeat-peers  every other method supporting N modalities on the 6 views, tuned
-#   GRID=avdigits-fair AV-Digits: joint, alone x2, OGM-GE, the four proposals, the best peers
+#   GRID=avdigits-fair AV-Digits: joint, alone x2, OGM-GE, OGM-boost, the four proposals, the 2025 methods
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # mfeat's encoders are MLPs: the OGM family modulates all their parameters (params=all; the
 # paper's conv-only default selects nothing there)
 OURS="joint,ogm-ge:params=all,ogm-ge:params=all:coefficient=continuous,ogm-ge:params=all:ratio=min"
 OURS="$OURS,ogm-ge:params=all:ratio=pairwise,ogm-boost:params=all,uncertainty,distill,ssl"
+# the peers with the largest gains in the untuned AV-Digits table, and the 2025 methods (issue 16)
+BEST_PEERS="mmcosine,mbsd,mmpareto"
+PEERS_2025="remix,arl,aug,midas"
 case "${GRID:?set GRID}" in
   synthetic-fair) dataset=synthetic; extra=()
                methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl" ;;
   mfeat)       dataset=mfeat; methods="$OURS"; extra=() ;;
   mfeat-hard)  dataset=mfeat; methods="$OURS"; extra=(--set "data.modalities=[fou,kar,mor,zer]") ;;
-  mfeat-weak3) dataset=mfeat; methods="$OURS"; extra=(--set "data.modalities=[fou,mor,zer]") ;;
+  mfeat-weak3) dataset=mfeat; methods="$OURS,$BEST_PEERS,$PEERS_2025"; extra=(--set "data.modalities=[fou,mor,zer]") ;;
   mfeat-peers) dataset=mfeat; extra=()
                methods="joint,modality-dropout,opm,gblend,agm,pmr,mmpareto,mslr,mmcosine,mbsd,cml,amco,mla,umt,ume,reconboost,relearn,inforeg,lfm,dimml,valuation,remix,arl,aug,midas" ;;
   avdigits-fair) dataset=avdigits; extra=()
-               methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl" ;;
+               methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl,$PEERS_2025" ;;
   *) echo "unknown GRID=$GRID" >&2; exit 2 ;;
 esac
 out="docs/results/${GRID}"
