@@ -96,3 +96,13 @@ def test_bench_tune_with_tuning_seeds_runs_each_pick_with_every_seed(tmp_path, c
     assert main(["bench", "--dataset", "synthetic", "--methods", "joint", "--seeds", "0", "--tune",
                  "--tune-seeds", "5", "--out", str(out)]) == 2
     assert "--tune-seeds [5] must be among --seeds [0]" in capsys.readouterr().err
+
+
+def test_a_run_that_predates_a_config_key_is_reusable_only_at_that_keys_default():
+    from equimodal.analysis.bench import config_differences
+    wanted = load_config(overrides=["train.epochs=3"])
+    stored = {k: dict(v) for k, v in wanted.items()}
+    del stored["train"]["stage_budget"]
+    assert config_differences(stored, wanted) == []
+    wanted["train"]["stage_budget"] = "shared"
+    assert config_differences(stored, wanted) == ["train.stage_budget: None -> 'shared'"]

@@ -102,11 +102,15 @@ class GridResults(list):
 
 
 #: keys that do not change what a run computes (so a stored run with other values is still reusable)
-_DISPLAY_KEYS = {("train", "progress"), ("train", "out")}
+_DISPLAY_KEYS = {("train", "progress"), ("train", "out"), ("train", "loggers")}
 
 
 def config_differences(stored: dict, wanted: dict) -> list[str]:
-    """``key: stored -> wanted`` for every config key that differs (display-only keys ignored)."""
+    """``key: stored -> wanted`` for every config key that differs (display-only keys ignored; a key
+    the stored run predates counts as equal when the wanted value is that key's default, which by
+    construction reproduces the behaviour from before the key existed)."""
+    from ..config import DEFAULTS
+
     diffs = []
     for section in sorted(set(stored) | set(wanted)):
         a, b = stored.get(section) or {}, wanted.get(section) or {}
@@ -115,6 +119,8 @@ def config_differences(stored: dict, wanted: dict) -> list[str]:
                 diffs.append(f"{section}: {a!r} -> {b!r}")
             continue
         for key in sorted(set(a) | set(b)):
+            if key not in a and key in DEFAULTS.get(section, {}) and b.get(key) == DEFAULTS[section][key]:
+                continue
             if (section, key) not in _DISPLAY_KEYS and a.get(key) != b.get(key):
                 diffs.append(f"{section}.{key}: {a.get(key)!r} -> {b.get(key)!r}")
     return diffs
