@@ -106,3 +106,16 @@ def test_a_run_that_predates_a_config_key_is_reusable_only_at_that_keys_default(
     assert config_differences(stored, wanted) == []
     wanted["train"]["stage_budget"] = "shared"
     assert config_differences(stored, wanted) == ["train.stage_budget: None -> 'shared'"]
+
+
+def test_best_validation_selection_reports_the_last_epoch_beside_it(tmp_path):
+    cfg = load_config(overrides=[*TINY, "train.epochs=3", "train.select=best_val", "train.probe=false"])
+    summary = Trainer(cfg, out_dir=tmp_path, echo=lambda s: None).fit()
+    history = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["last_epoch_val_acc"] == history[-1]["val_acc"]
+    assert 0 <= summary["last_epoch_test_acc"] <= 1
+    if summary["selected_epoch"] == 2:
+        assert summary["last_epoch_test_acc"] == summary["test_acc"]
+    last = load_config(overrides=[*TINY, "train.epochs=3", "train.probe=false"])
+    same = Trainer(last, out_dir=tmp_path / "last", echo=lambda s: None).fit()  # same seed, last epoch
+    assert summary["last_epoch_test_acc"] == same["test_acc"]

@@ -18,7 +18,9 @@ def t95(df: int) -> float:
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+    """Mean and sample standard deviation (0 for a single value) of the values that are not NaN
+    (a figure a run could not record, e.g. one that predates it)."""
+    values = [v for v in values if not math.isnan(v)]
     if not values:
         return float("nan"), float("nan")
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0

@@ -585,12 +585,18 @@ class Trainer:
         evaluate it on test once."""
         t = self.cfg["train"]
         selected = self.epoch - 1
-        if t["select"] == "best_val" and self.best["model"] is not None:
+        start = time.perf_counter()
+        last = self.stage_reports[-1] if self.stage_reports else None
+        # the last epoch's test accuracy, reported beside the selected epoch's (never used to choose)
+        last_test = last["test_acc"] if last is not None and last["stage"] == self.plan[-1][0] else None
+        if t["select"] == "best_val" and self.best["model"] is not None and self.best["epoch"] != self.epoch - 1:
+            if last_test is None:
+                last_test = evaluate(self.model, self.active, self.splits.test, self.device, precision=self.precision)["acc"]
             self.model.load_state_dict(self.best["model"])
             selected = self.best["epoch"]
-        start = time.perf_counter()
         test = evaluate(self.model, self.active, self.splits.test, self.device, precision=self.precision)
-        last = self.stage_reports[-1] if self.stage_reports else None
+        if last_test is None:
+            last_test = test["acc"]  # the selected epoch is the last one
         if last is not None and last["stage"] == self.plan[-1][0] and selected == self.epoch - 1:
             # same final model: the last stage report already fitted them
             probes = {"test": last["probe_acc_by_modality"], "val": last.get("probe_val_acc_by_modality", {})}
@@ -608,7 +614,7 @@ class Trainer:
             # the last epoch's figures beside the selected ones, so that a collapse hidden by
             # best-validation selection shows
             "last_epoch_val_acc": self.history[-1]["val_acc"] if self.history else float("nan"),
-            "last_epoch_test_acc": last["test_acc"] if last is not None else float("nan"),
+            "last_epoch_test_acc": last_test,
             "stages": self.stage_reports,
             "holdout": len(self.holdout) if self.holdout is not None else 0,
             "cost": {"epochs": self.total_epochs,
