@@ -320,14 +320,17 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     out = Path(out)
     modalities = sorted({m for r in results for m in r["test_acc_by_modality"]},
                         key=lambda m: [m for r in results for m in r["modalities"]].index(m))
-    fields = ["label", "method", "seed", "test_acc", "test_macro_f1", "epochs", "seconds", "seconds_per_epoch",
+    fields = ["label", "method", "seed", "tuned", "val_acc", "test_acc", "last_epoch_test_acc", "test_macro_f1",
+              "epochs", "seconds", "seconds_per_epoch",
               *(f"acc_{m}" for m in modalities), *(f"probe_{m}" for m in modalities), "selection", "estimator",
               "optimizer_steps", "forward_per_step", "forward_no_grad_per_step", "backward_per_step"]
     with open(out / f"{stem}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for r in results:
-            writer.writerow({"label": r["label"], "method": r["method"], "seed": r["seed"], "test_acc": r["test_acc"],
+            writer.writerow({"label": r["label"], "method": r["method"], "seed": r["seed"], "tuned": r.get("tuned", ""),
+                             "val_acc": r.get("val_acc", ""), "test_acc": r["test_acc"],
+                             "last_epoch_test_acc": r.get("last_epoch_test_acc", ""),
                              "test_macro_f1": r["test_macro_f1"], "epochs": r["epochs"], "seconds": r["seconds"],
                              "seconds_per_epoch": r["seconds"] / max(1, r["epochs"]), "selection": r["selection"],
                              "estimator": r["estimator"],
