@@ -28,6 +28,7 @@ from ..data import DataSplits, TensorMultimodalDataset, load_dataset
 from ..data.base import iterate_batches, num_batches, stratified_split
 from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
+from .compile import compile_model
 from .cost import CostMeter
 from .checkpoint import load_run_state, remove_stale_temporaries, save_checkpoint
 from .metrics import accuracy, linear_probe_accuracy, macro_f1
@@ -231,6 +232,8 @@ class Trainer:
             data_opts["progress"] = show_progress(data_opts["progress"] and t["progress"])
         self.splits = load_dataset(self.cfg["data"]["name"], **data_opts)
         self.model = build_model(self.cfg["model"], self.splits).to(self.device)
+        if t.get("compile"):  # in place, per part: checkpoint keys and the model contract stay as they are
+            compile_model(self.model)
         self.method = build_method(**self.cfg["method"])
         # the plan: (stage name, method that runs it, epochs); one supervised stage for most methods
         self.plan = [(st.name, st.method or self.method, st.epochs if st.epochs is not None else t["epochs"])
