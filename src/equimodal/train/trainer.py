@@ -362,7 +362,8 @@ class Trainer:
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)  # per-epoch random crops and frame choices
         bar = tqdm(iterate_batches(train_set, t["batch_size"], self._shuffle_generator(epoch),
-                                   num_workers=t["num_workers"], shard=(self.rank, self.world)), total=n_batches,
+                                   num_workers=t["num_workers"], shard=(self.rank, self.world),
+                                   pin_memory=self.device.type == "cuda", persistent_workers=True), total=n_batches,
                    desc=f"{label}epoch {epoch + 1}/{self.total_epochs}", leave=False, disable=self.rank != 0 or not show_progress(t["progress"]),
                    dynamic_ncols=True)
         accumulate = t["accumulate"]
