@@ -133,7 +133,7 @@ def main() -> None:
     try:
         import librosa
     except ImportError:
-        sys.exit("this benchmark runs the official pipeline with librosa: pip install librosa (benchmark only)")
+        sys.exit("this benchmark runs the official pipeline with librosa: pip install -e \".[bench]\" (benchmark only)")
     load = os.getloadavg()
     started = time.time()
     results: dict = {"clips": args.clips, "frames_per_clip": args.frames, "batch_size": args.batch_size,
