@@ -303,3 +303,24 @@ def test_options_are_validated(options, match):
 def test_needs_two_modalities():
     with pytest.raises(ValueError, match="at least 2"):
         build_method("agm").setup(make_model(("audio",)))
+
+
+@pytest.mark.parametrize("modalities", [("audio", "visual"), ("audio", "visual", "tactile")])
+@pytest.mark.parametrize("empty_set, padded_bn", [("paper", "eval"), ("zero", "eval"), ("paper", "batch")])
+def test_shared_encoder_passes_give_the_per_coalition_values(modalities, empty_set, padded_bn):
+    """On a MultimodalModel the padded logits come from one pass per (encoder, real | zeroed input);
+    they equal the model run once per coalition (same weights and buffers: the normal pass comes
+    first in both)."""
+    inputs, y = fake_batch(modalities, n=8)
+    got = {}
+    for share in (True, False):
+        model = make_model(modalities)
+        model.train()
+        method = build_method("agm", empty_set=empty_set, padded_bn=padded_bn)
+        method.share_encoder_passes = share
+        method.setup(model)
+        assert method._shares_encoder_passes(model, keep=False) == share
+        got[share] = method.forward(model, inputs).extra["agm/values"]
+        assert model.training
+    assert got[True].shape == (2 ** len(modalities), 8, 5)
+    torch.testing.assert_close(got[True], got[False], rtol=0, atol=0)

@@ -47,7 +47,7 @@ def test_cremad_shapes_labels_split_and_cache(cremad, tmp_path):
     assert inputs["visual"].shape == (3, 1, 224, 224)
     assert int(label) == EMOTIONS.index("NEU"), "official class order"
     assert set(splits.train.clips).isdisjoint(splits.val.clips)
-    cached = list(cache.glob("cremad-spec-*/*.pt"))
+    cached = list(cache.glob("cremad-spec-*/*.npy"))
     assert len(cached) == 1, "the spectrogram is cached on first use"
     again, _ = splits.test[0]
     assert torch.allclose(again["audio"], inputs["audio"], atol=1e-2)  # float16 cache

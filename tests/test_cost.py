@@ -8,7 +8,8 @@ from equimodal.train import Trainer
 @pytest.mark.parametrize("name, forward, no_grad, backward, epochs", [
     ("joint", 1.0, 0.0, 1.0, 2),
     ("mmpareto", 1.0, 0.0, 2.0, 2),   # a separate backward pass of each unimodal loss
-    ("agm", 1.0, 3.0, 1.0, 2),        # 2^M - 1 zero-padded no-grad passes (M = 2)
+    ("agm", 1.0, 2.0, 1.0, 2),        # 2^M - 1 zero-padded coalitions (M = 2) from one real and one
+                                      # zeroed no-grad pass per encoder
     ("distill", None, None, None, 6),  # three stages
 ])
 def test_counted_passes_per_step(tmp_path, tiny_overrides, name, forward, no_grad, backward, epochs):

@@ -31,8 +31,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "schedule": "step",
               "step_size": 10, "gamma": 0.1, "clip_grad_norm": None},
     "train": {"epochs": 12, "batch_size": 64, "accumulate": 1, "num_workers": 0, "seed": 0, "device": "auto", "precision": "auto",
-              "select": "last", "stage_budget": "each", "probe": True, "out": None, "progress": True, "on_nan": "stop",
-              "loggers": ["jsonl"]},
+              "select": "last", "stage_budget": "each", "compile": False, "probe": True, "out": None, "progress": True,
+              "on_nan": "stop", "loggers": ["jsonl"]},
 }
 #: names allowed in ``train.loggers`` (``equimodal.train.loggers``)
 LOGGERS = ("jsonl", "csv", "tensorboard", "wandb")

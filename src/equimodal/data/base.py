@@ -108,8 +108,51 @@ def num_batches(n: int, batch_size: int, world: int = 1) -> int:
     return sum(1 for start in range(0, n, batch_size) if min(batch_size, n - start) >= world)
 
 
+@dataclass(frozen=True)
+class EpochBatch:
+    """What a persistent worker receives for a dataset with ``set_epoch``: the indices of one batch
+    and the epoch the main process set, since a worker's copy of the dataset never sees the main
+    process's later ``set_epoch`` calls (the epoch seeds the random crops and frame choices)."""
+
+    epoch: int
+    indices: list[int]
+
+
+class _Order:
+    """The batches of the current pass, replaced before each pass of a loader that is kept."""
+
+    def __init__(self) -> None:
+        self.batches: list = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _loader(dataset, num_workers: int, pin_memory: bool, persistent: bool):
+    """A ``DataLoader`` over ``dataset`` that yields whole batches (the dataset takes a list of
+    indices); with ``persistent`` it is made once per (dataset, settings) and kept on the dataset, so
+    its worker processes survive from one pass to the next. Only datasets that declare
+    ``keeps_loaders = True`` (and leave ``_equimodal_loaders`` out of their pickled state, for
+    workers started by spawn) keep one; others get a fresh loader per pass."""
+    if not persistent or num_workers == 0 or not getattr(type(dataset), "keeps_loaders", False):
+        order = _Order()
+        return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=num_workers,
+                                           pin_memory=pin_memory), order
+    kept = dataset.__dict__.setdefault("_equimodal_loaders", {})
+    key = (num_workers, pin_memory)
+    if key not in kept:
+        order = _Order()
+        kept[key] = (torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=num_workers,
+                                                 pin_memory=pin_memory, persistent_workers=True), order)
+    return kept[key]
+
+
 def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None = None, drop_last: bool = False,
-                    num_workers: int = 0, limit: int | None = None, shard: tuple[int, int] = (0, 1)
+                    num_workers: int = 0, limit: int | None = None, shard: tuple[int, int] = (0, 1),
+                    pin_memory: bool = False, persistent_workers: bool = False
                     ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Mini-batches in a seeded order (shuffled when a generator is given); at most ``limit`` samples.
 
@@ -118,7 +161,10 @@ def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None 
     dropped, since every process must take part in each step).
 
     In-memory datasets: one vectorised index gather per batch. Datasets read from disk go through a
-    ``DataLoader`` (``num_workers`` processes) over the same order."""
+    ``DataLoader`` (``num_workers`` processes) over the same order; ``pin_memory`` (for CUDA: faster,
+    asynchronous copies) and ``persistent_workers`` (the worker processes are started once per
+    dataset and kept, instead of once per pass; the dataset's epoch travels with each batch as an
+    ``EpochBatch``) apply to those."""
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     if limit is not None:
@@ -133,6 +179,11 @@ def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None 
         for chunk in chunks:
             yield dataset[chunk]
         return
-    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[c.tolist() for c in chunks],
-                                         num_workers=num_workers, persistent_workers=False)
+    persistent = persistent_workers and num_workers > 0 and getattr(type(dataset), "keeps_loaders", False)
+    loader, sampler = _loader(dataset, num_workers, pin_memory, persistent)
+    if persistent and hasattr(dataset, "set_epoch"):
+        epoch = int(getattr(dataset, "epoch", 0))
+        sampler.batches = [EpochBatch(epoch, c.tolist()) for c in chunks]
+    else:
+        sampler.batches = [c.tolist() for c in chunks]
     yield from loader

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _dist
-from ..models.multimodal import ModelOutput
+from ..models.multimodal import ModelOutput, MultimodalModel
 from ._base import Method, unwrap
 from ._registry import register_method
 
@@ -118,7 +118,9 @@ class AGM(Method):
     included by default (the paper's Shapley value). Any fusion and any M >= 2 (the code has M = 2).
 
     Cost per micro-batch: 2^M - 1 extra forward passes (2^M - 2 with empty_set="zero"), no-grad
-    unless level="response". Needs ``method.forward`` (a loop that calls ``model(inputs)`` itself
+    unless level="response"; on a ``MultimodalModel`` at level="encoder" they share encoder passes
+    (each encoder runs once on its real and once on its zeroed input: 2M encoder passes, then one
+    fusion per coalition; the same values). Needs ``method.forward`` (a loop that calls ``model(inputs)`` itself
     gets a warning and no modulation). Hooks: setup, forward, loss, before_step, log.
     """
 
@@ -212,18 +214,39 @@ class AGM(Method):
         full = 2 ** len(names) - 1
         keep = self.level == "response"
         values: list[torch.Tensor | None] = [None] * (full + 1)
+        masks = [mask for mask in range(full) if mask or self.empty_set != "zero"]
         with self._padded_mode(inner), torch.set_grad_enabled(keep):
-            for mask in range(full):
-                if mask == 0 and self.empty_set == "zero":
-                    continue
-                padded = {m: (inputs[m] if mask >> i & 1 else torch.zeros_like(inputs[m])) for i, m in enumerate(names)}
-                padded.update({k: x for k, x in inputs.items() if k not in names})
-                values[mask] = inner(padded).logits.float()
+            if self._shares_encoder_passes(inner, keep):
+                # each encoder once on its real and once on its zeroed input (the coalitions only
+                # recombine them): 2M encoder passes instead of M per coalition; the same values
+                need = {(m, bool(mask >> i & 1)) for mask in masks for i, m in enumerate(names)}
+                feats = {(m, real): inner.encoder(m)(inputs[m] if real else torch.zeros_like(inputs[m]))
+                         for m, real in need}
+                for mask in masks:
+                    values[mask] = inner.fuse({m: feats[m, bool(mask >> i & 1)]
+                                               for i, m in enumerate(names)}).float()
+            else:
+                for mask in masks:
+                    padded = {m: (inputs[m] if mask >> i & 1 else torch.zeros_like(inputs[m]))
+                              for i, m in enumerate(names)}
+                    padded.update({k: x for k, x in inputs.items() if k not in names})
+                    values[mask] = inner(padded).logits.float()
         values[full] = out.logits.float() if keep else out.logits.detach().float()
         if values[0] is None:
             values[0] = torch.zeros_like(values[full])
         out.extra[_VALUES] = torch.stack(values)
         return out
+
+    #: reuse encoder passes across coalitions where that gives the same values (see forward)
+    share_encoder_passes: bool = True
+
+    def _shares_encoder_passes(self, inner: nn.Module, keep: bool) -> bool:
+        """Whether the padded logits may be built from one pass per (encoder, real | zeroed input):
+        only without gradients through them (level="encoder"), and only for a model whose forward is
+        ``MultimodalModel``'s (fuse of the per-modality encoder outputs); anything else runs the
+        model once per coalition."""
+        return (self.share_encoder_passes and not keep
+                and getattr(type(inner), "forward", None) is MultimodalModel.forward)
 
     def loss(self, output: ModelOutput, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         terms = super().loss(output, targets)

@@ -29,6 +29,7 @@ from ..data.base import iterate_batches, num_batches, stratified_split
 from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
 from ..models.factory import build_user_model
+from .compile import compile_model
 from .cost import CostMeter
 from .checkpoint import load_run_state, remove_stale_temporaries, save_checkpoint
 from .loggers import RunLoggers
@@ -291,6 +292,8 @@ class Trainer:
             data_opts["progress"] = show_progress(data_opts["progress"] and t["progress"])
         self.splits = load_dataset(self.cfg["data"]["name"], **data_opts)
         self.model = build_model(self.cfg["model"], self.splits).to(self.device)
+        if t.get("compile"):  # in place, per part: checkpoint keys and the model contract stay as they are
+            compile_model(self.model)
         self.method = build_method(**self.cfg["method"])
         # the plan: (stage name, method that runs it, epochs); one supervised stage for most methods
         self.plan = [(st.name, st.method or self.method, st.epochs if st.epochs is not None else t["epochs"])
@@ -426,7 +429,8 @@ class Trainer:
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)  # per-epoch random crops and frame choices
         bar = tqdm(iterate_batches(train_set, t["batch_size"], self._shuffle_generator(epoch),
-                                   num_workers=t["num_workers"], shard=(self.rank, self.world)), total=n_batches,
+                                   num_workers=t["num_workers"], shard=(self.rank, self.world),
+                                   pin_memory=self.device.type == "cuda", persistent_workers=True), total=n_batches,
                    desc=f"{label}epoch {epoch + 1}/{self.total_epochs}", leave=False, disable=self.rank != 0 or not show_progress(t["progress"]),
                    dynamic_ncols=True)
         accumulate = t["accumulate"]
