@@ -10,7 +10,7 @@ from equimodal.methods import MethodData, build_method
 from equimodal.methods._registry import _REGISTRY
 from equimodal.models import MultimodalModel, SmallCNN
 
-REFUSED = {"dimml", "distill", "mla", "reconboost", "ssl", "umt", "valuation"}
+REFUSED = {"aug", "dimml", "distill", "mla", "reconboost", "remix", "ssl", "umt", "valuation"}
 
 
 class Module(pl.LightningModule):
