@@ -225,3 +225,28 @@ def test_arl_options_are_validated():
         key = next(iter(bad))
         with pytest.raises(ValueError, match=key):
             build_method("arl", **bad)
+
+
+def test_a_one_sample_substep_is_skipped_not_fed_to_batchnorm():
+    """Vector encoders with BatchNorm1d fail on one sample in training mode (found on mfeat)."""
+    from equimodal.models import MLPEncoder, MultimodalModel
+    torch.manual_seed(0)
+    model = MultimodalModel({m: MLPEncoder(in_dim=8, hidden=16, out_dim=6) for m in AV}, num_classes=3)
+    method = build_method("remix", warmup_epochs=0)
+    method.attach_data(MethodData(train=None))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    method.setup(model, opt, seed=0)
+    inputs = {m: torch.randn(4, 8) for m in AV}
+    inputs[KEEP_KEY] = F.one_hot(torch.tensor([0, 0, 0, 1]), 2).bool()  # visual gets one sample
+    y = torch.tensor([0, 1, 2, 0])
+    method.on_epoch_start(0)
+    for sub in (0, 1):
+        method.on_substep(sub)
+        out = method.forward(model, inputs)
+        assert out.logits.shape[0] == (3 if sub == 0 else 0)
+        sum(method.loss(out, y).values()).backward()
+        method.before_step(model)
+        opt.step()
+        opt.zero_grad()
+    log = method.log()
+    assert log["single_sample_substeps"] == 1 and log["empty_substeps"] == 1

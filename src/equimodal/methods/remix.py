@@ -57,7 +57,10 @@ class Remix(Method):
     goes to exactly one modality; none is dropped. Training in that epoch: each batch is split into
     M single-modality sub-batches, one optimizer step each (``substeps()`` = M); sub-step m forwards
     only the samples with a(i) = m, zeroes every other modality's features after the encoders and
-    uses L = CE(g(0, .., h_m, .., 0), y) + ``gamma`` * CE(W_m h_m, y). A sub-batch that is empty on
+    uses L = CE(g(0, .., h_m, .., 0), y) + ``gamma`` * CE(W_m h_m, y). A rank's sub-batch of a single
+    sample is dropped from its step (logged as ``single_sample_substeps``): BatchNorm cannot
+    normalise one sample in training mode (vector encoders fail outright), and the code's full-size
+    single-modality batches never meet the case. A sub-batch that is empty on
     every rank takes no optimizer step (its gradients are set to None, so momentum and weight decay
     do not move anything either).
 
@@ -120,6 +123,7 @@ class Remix(Method):
         self._rows: torch.Tensor | None = None  # samples in this sub-step (local), for before_step
         self._figures: dict[str, float] = {}
         self._empty = 0  # sub-steps skipped (empty on every rank) since the last log()
+        self._single = 0  # one-sample sub-batches skipped since the last log()
         self.last_assignment: torch.Tensor | None = None
 
     # --- setup ----------------------------------------------------------------------------
@@ -203,6 +207,8 @@ class Remix(Method):
         inputs = dict(inputs)
         keep = inputs.pop(KEEP_KEY).bool()
         rows = keep[:, self.substep].nonzero().flatten()
+        if rows.numel() == 1:  # BatchNorm cannot normalise one sample in training mode: skipped
+            rows, self._single = rows[:0], self._single + 1
         self._plan = (self.substep, rows)
         if rows.numel() == 0:
             empty = torch.zeros(0, int(self._model.num_classes), device=keep.device)
@@ -249,11 +255,14 @@ class Remix(Method):
         out = dict(self._figures)
         if self._empty:
             out["empty_substeps"] = self._empty
-        self._figures, self._empty = {}, 0
+        if self._single:
+            out["single_sample_substeps"] = self._single
+        self._figures, self._empty, self._single = {}, 0, 0
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"epoch": self.epoch, "substep": self.substep, "empty": self._empty}
+        state: dict[str, Any] = {"epoch": self.epoch, "substep": self.substep, "empty": self._empty,
+                                 "single": self._single}
         if self.heads is not None:
             state["heads"] = self.heads.state_dict()
         return state
@@ -262,5 +271,6 @@ class Remix(Method):
         self.epoch = int(state.get("epoch", 0))
         self.substep = int(state.get("substep", 0))
         self._empty = int(state.get("empty", 0))
+        self._single = int(state.get("single", 0))
         if self.heads is not None and "heads" in state:
             self.heads.load_state_dict(state["heads"])
