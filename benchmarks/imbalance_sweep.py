@@ -81,8 +81,8 @@ def write_table(by_level, methods, seeds, out: Path, seconds: float, args) -> No
             lines.append(f"| {level:g} | {label} | " + " | ".join(cells) + f" | {delta} |")
     note = (f"Ran `python benchmarks/imbalance_sweep.py --levels {args.levels} --methods {args.methods} "
             f"--seeds {args.seeds}` ({time.strftime('%Y-%m-%d')}, {seconds:.0f} s wall for the runs not reused, "
-            "2 CPU cores shared with other jobs). Each level is its own bench grid (`noise-<level>/`, with "
-            "results.md and plots); the noise is added to every split's images. Mean ± standard deviation "
+            "2 CPU cores shared with other jobs). Each level is its own bench grid (run folders under "
+            "`noise-<level>/runs/`); the noise is added to every split's images. Mean ± standard deviation "
             "over seeds; the test split is evaluated once per run on the last epoch and never used to choose "
             "anything. 'acc <modality> slice': the joint model's per-modality logits (its estimator), which "
             "show which modality dominates the fused decision at each level.")
@@ -99,11 +99,12 @@ def plot(by_level, methods, path: Path) -> None:
             m, s = mean_std(vals) if vals else (np.nan, np.nan)
             means.append(100 * m)
             sds.append(100 * s)
-        ax1.errorbar(levels, means, yerr=sds, marker="o", capsize=3, label=label)
+        line = ax1.errorbar(levels, means, yerr=sds, marker="o", capsize=3, label=label)
+        colour = line[0].get_color()  # the same colour per method in both panels
         for modality, style in (("audio", "-"), ("visual", "--")):
             vals = [mean_std(list(_values(by_level[lv], label, "probe_acc_by_modality", modality).values()) or [np.nan])[0]
                     for lv in levels]
-            ax2.plot(levels, [100 * v for v in vals], style, marker="o", label=f"{label} · {modality}")
+            ax2.plot(levels, [100 * v for v in vals], style, marker="o", color=colour, label=f"{label} · {modality}")
     ax1.set_xlabel("Gaussian noise on the image (std)")
     ax1.set_ylabel("fused test accuracy (%)")
     ax1.set_title("Fused accuracy as the image weakens")
