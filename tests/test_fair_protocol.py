@@ -119,3 +119,32 @@ def test_best_validation_selection_reports_the_last_epoch_beside_it(tmp_path):
     last = load_config(overrides=[*TINY, "train.epochs=3", "train.probe=false"])
     same = Trainer(last, out_dir=tmp_path / "last", echo=lambda s: None).fit()  # same seed, last epoch
     assert summary["last_epoch_test_acc"] == same["test_acc"]
+
+
+@pytest.mark.parametrize("alone, joint, expected", [
+    ([0.80, 0.75, 0.85], [0.60, 0.56, 0.66], "IMBALANCED"),       # a consistent 19-point gap
+    ([0.80, 0.60, 0.70], [0.62, 0.70, 0.55], "NOT SHOWN"),        # a 7.7-point mean gap, noisy across seeds
+    ([0.80, 0.75, 0.85], [0.79, 0.75, 0.84], "NOT IMBALANCED"),   # no gap above the threshold
+])
+def test_diagnose_counts_a_gap_whose_paired_interval_excludes_zero(tmp_path, monkeypatch, alone, joint, expected):
+    from equimodal.analysis import diagnose as diag
+    from equimodal.analysis.bench import GridResults
+
+    def fake_grid(dataset, specs, seeds, out, overrides, **kwargs):
+        rows = GridResults()
+        for s in seeds:
+            hist = [{"rho/visual": 1.5, "rho/audio": 0.7, "val_acc": 0.9}]
+            rows.append({"label": diag.JOINT_LABEL, "seed": s, "val_acc": 0.9, "history": hist,
+                         "probe_val_acc_by_modality": {"visual": 0.9, "audio": joint[s]}})
+            rows.append({"label": "alone:audio", "seed": s, "val_acc": 0.7, "history": [],
+                         "probe_val_acc_by_modality": {"audio": alone[s]}})
+            rows.append({"label": "alone:visual", "seed": s, "val_acc": 0.9, "history": [],
+                         "probe_val_acc_by_modality": {"visual": 0.9}})
+        rows.failures, rows.missing = [], []
+        return rows
+
+    monkeypatch.setattr(diag, "run_grid", fake_grid)
+    monkeypatch.setattr(diag, "_figure", lambda *a, **k: None)
+    report = diag.diagnose("synthetic", tmp_path, seeds=[0, 1, 2], echo=lambda s: None)
+    assert report["verdict"].startswith(expected)
+    assert "95% CI" in report["text"]
