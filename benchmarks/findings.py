@@ -21,6 +21,7 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776}
 
 #: setting title -> (results folder, rows to report: label in the grid -> name in the findings)
 SETTINGS = {
+    "The embedded default data (2 modalities; tuned, equal epochs)": ("synthetic-fair", None),
     "AV-Digits (2 modalities; tuned, equal epochs)": ("avdigits-fair", None),
     "mfeat, 6 views (tuned, equal epochs)": ("mfeat", None),
     "mfeat, the 4 weakest views (tuned, equal epochs)": ("mfeat-hard", None),
