@@ -24,6 +24,7 @@ SETTINGS = {
     "The embedded default data (2 modalities; tuned, equal epochs)": ("synthetic-fair", None),
     "AV-Digits (2 modalities; tuned, equal epochs)": ("avdigits-fair", None),
     "mfeat, 6 views (tuned, equal epochs)": ("mfeat", None),
+    "mfeat, 6 views: the published peers (tuned with seed 0, equal epochs)": ("mfeat-peers", None),
     "mfeat, the 4 weakest views (tuned, equal epochs)": ("mfeat-hard", None),
     "mfeat, the 3 weakest views (tuned, equal epochs)": ("mfeat-weak3", None),
 }
@@ -116,7 +117,9 @@ def main() -> int:
         if not (folder / "results.csv").is_file():
             blocks += [f"### {title}", "", f"(not run yet: docs/results/{name})", ""]
             continue
-        extra = ["remix", "arl", "aug", "midas", "mmcosine", "mbsd", "mmpareto"]
+        extra = ["remix", "arl", "aug", "midas", "mmcosine", "mbsd", "mmpareto", "modality-dropout", "opm",
+                 "gblend", "agm", "pmr", "mslr", "cml", "amco", "mla", "umt", "ume", "reconboost", "relearn",
+                 "inforeg", "lfm", "dimml", "valuation"]
         blocks += [f"### {title}", "", f"From [docs/results/{name}](results/{name}/results.md).", "",
                    *table(folder, extra), ""]
     text = FINDINGS.read_text()
