@@ -89,6 +89,17 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+def fusing_model(model: nn.Module, method: str, why: str) -> nn.Module:
+    """``unwrap(model)``, refused with a named error unless it offers ``fuse(features)``, which
+    methods that drop or zero modalities' features need to re-run the fusion (``why`` says what
+    the method does with it)."""
+    inner = unwrap(model)
+    if not hasattr(inner, "fuse"):
+        raise TypeError(f"method {method!r} {why}: the model needs 'fuse(features)' "
+                        f"(see equimodal.models.MultimodalModel); got {type(inner).__name__}")
+    return inner
+
+
 class Method:
     """Base class: plain joint training (cross-entropy on the fused logits) with no-op hooks.
 

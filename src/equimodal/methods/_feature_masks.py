@@ -18,7 +18,7 @@ from torch import nn
 
 from .. import _dist
 from ..models.multimodal import ModelOutput
-from ._base import Method, unwrap
+from ._base import Method, fusing_model
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -99,10 +99,7 @@ class FeatureMaskingMethod(Method):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
         super().setup(model, optimizer, seed)
-        inner = self._model = unwrap(model)
-        if not hasattr(inner, "fuse"):
-            raise TypeError(f"method {self.name!r} re-fuses masked features: the model needs 'fuse(features)' "
-                            f"(see equimodal.models.MultimodalModel); got {type(inner).__name__}")
+        inner = self._model = fusing_model(model, self.name, "re-fuses masked features")
         self._modalities = tuple(inner.modalities)
 
     def generator(self, per_rank: bool = True) -> torch.Generator:

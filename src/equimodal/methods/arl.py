@@ -9,7 +9,7 @@ from torch import nn
 
 from .._dist import all_reduce_sum
 from ..models.multimodal import ModelOutput
-from ._base import Method, unwrap
+from ._base import Method, fusing_model
 from ._registry import register_method
 from ._scores import trace_means
 from ._unimodal_probe_logits import single_modality_logits
@@ -104,10 +104,7 @@ class ARL(Method):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
         super().setup(model, optimizer, seed)
-        inner = self._model = unwrap(model)
-        if not hasattr(inner, "fuse"):
-            raise TypeError(f"method {self.name!r} zeroes features before fusion: the model needs "
-                            f"'fuse(features)' (see equimodal.models.MultimodalModel); got {type(inner).__name__}")
+        inner = self._model = fusing_model(model, self.name, "zeroes features before fusion")
         self._modalities = tuple(inner.modalities)
         self._params = {m: [p for p in inner.encoder_parameters(m) if p.requires_grad] for m in self._modalities}
 

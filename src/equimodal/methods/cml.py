@@ -10,7 +10,7 @@ from torch import nn
 
 from .._dist import rank
 from ..models.multimodal import ModelOutput
-from ._base import Method, unwrap
+from ._base import Method, fusing_model
 from ._registry import register_method
 
 _SUBSETS = ("chain", "all")
@@ -128,10 +128,7 @@ class CML(Method):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
         super().setup(model, optimizer, seed)
-        inner = self._model = unwrap(model)
-        if not hasattr(inner, "fuse"):
-            raise TypeError(f"method {self.name!r} needs a model with 'fuse(features)' "
-                            "(see equimodal.models.MultimodalModel)")
+        inner = self._model = fusing_model(model, self.name, "re-fuses the features left after removing modalities")
         self._modalities = tuple(inner.modalities)
         if self.subsets == "all" and len(self._modalities) > _MAX_ALL_MODALITIES:
             raise ValueError(f"{self.name}: subsets='all' builds 2^N - 2 partial predictions; with "

@@ -10,7 +10,7 @@ from torch import nn
 from .. import _dist
 from ..data.base import TensorMultimodalDataset
 from ..models.multimodal import ModelOutput
-from ._base import Method, unwrap
+from ._base import Method, fusing_model, unwrap
 from ._heads import linear_heads
 from ._registry import register_method
 from ._unimodal_probe_logits import single_modality_logits
@@ -129,10 +129,7 @@ class Remix(Method):
     # --- setup ----------------------------------------------------------------------------
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
         super().setup(model, optimizer, seed)
-        inner = self._model = unwrap(model)
-        if not hasattr(inner, "fuse"):
-            raise TypeError(f"method {self.name!r} zeroes features before fusion: the model needs "
-                            f"'fuse(features)' (see equimodal.models.MultimodalModel); got {type(inner).__name__}")
+        inner = self._model = fusing_model(model, self.name, "zeroes features before fusion")
         self._modalities = tuple(inner.modalities)
         if self.heads is None:
             self.heads = linear_heads(inner, self.name, self.seed + 23)

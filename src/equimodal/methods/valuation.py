@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from .._dist import all_reduce_sum
 from ..data.base import TensorMultimodalDataset
 from ..models.multimodal import ModelOutput
-from ._base import Method, unwrap
+from ._base import Method, fusing_model
 from ._feature_masks import apply_keep, fuse_features
 from ._registry import register_method
 
@@ -222,10 +222,7 @@ class ModalityValuation(Method):
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
         super().setup(model, optimizer, seed)
-        inner = self._model = unwrap(model)
-        if not hasattr(inner, "fuse"):
-            raise TypeError(f"method {self.name!r} re-fuses modality subsets: the model needs 'fuse(features)' "
-                            f"(see equimodal.models.MultimodalModel); got {type(inner).__name__}")
+        inner = self._model = fusing_model(model, self.name, "re-fuses modality subsets")
         if len(inner.modalities) > _MAX_MODALITIES:
             raise ValueError(f"method {self.name!r} values 2^N modality subsets per sample; at most "
                              f"{_MAX_MODALITIES} modalities, the model has {len(inner.modalities)}")
