@@ -175,7 +175,7 @@ def _prepare_clips(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .analysis.bench import bench_grid, summarise, tuning_settings
+    from .analysis.bench import bench_grid, grid_specs, summarise
     from .analysis.plots import all_plots
     from .config import ConfigError, load_config
 
@@ -194,8 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
         if args.plan:
-            grid = list(dict.fromkeys(sp for spec in methods for sp in
-                                      (tuning_settings(spec, cfg["optim"]["lr"]) if args.tune else [spec])))
+            grid = grid_specs(methods, cfg["optim"]["lr"], args.tune)[1]
             return _print_plan(args, grid, (tune_seeds or seeds) if args.tune else seeds, overrides)
         results = bench_grid(args.dataset, methods, seeds, out, overrides, tune=args.tune, tune_seeds=tune_seeds,
                              baseline=args.baseline, progress=not args.no_progress, jobs=args.jobs,

@@ -267,6 +267,13 @@ def pick_tuned(results: list[dict[str, Any]], settings: dict[str, list[str]], ou
     return picked
 
 
+def grid_specs(methods: list[str], lr: float, tune: bool) -> tuple[dict[str, list[str]], list[str]]:
+    """Each row's settings (``tuning_settings`` with ``tune``, else the row alone) and every
+    distinct spec the grid runs, in order."""
+    settings = {spec: (tuning_settings(spec, lr) if tune else [spec]) for spec in methods}
+    return settings, list(dict.fromkeys(sp for specs in settings.values() for sp in specs))
+
+
 def bench_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path, overrides: list[str],
                tune: bool = False, tune_seeds: list[int] | None = None, baseline: str = "joint",
                echo: Callable[[str], None] = print, **grid_opts: Any) -> GridResults:
@@ -278,8 +285,7 @@ def bench_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Pa
     from ..config import load_config
 
     lr = load_config(overrides=[f"data.name={dataset}", *overrides])["optim"]["lr"]
-    settings = {spec: (tuning_settings(spec, lr) if tune else [spec]) for spec in methods}
-    grid = list(dict.fromkeys(sp for specs in settings.values() for sp in specs))
+    settings, grid = grid_specs(methods, lr, tune)
     tune_seeds = list(tune_seeds or seeds)
     if tune and not set(tune_seeds) <= set(seeds):
         raise ConfigError(f"--tune-seeds {tune_seeds} must be among --seeds {seeds}")
