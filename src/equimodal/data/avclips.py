@@ -19,7 +19,8 @@ VGGSound loader takes a random 5 s window). Spectrograms (float16) and decoded f
 short side ``frame_side``) are cached on first use as ``.npy`` files read memory-mapped (so from
 the second epoch on neither the STFT nor the JPEG decoding is redone) in ``cache_dir``, keyed by
 the preprocessing parameters; crops, flips, resizing and normalisation run on tensors, the same
-with or without the cache. A damaged cache file is recomputed from the WAV or JPEGs and overwritten. Missing files stop the run with their
+with or without the cache, written straight into the batch (``fill_batch``: ``iterate_batches``
+reuses batch buffers, see ``equimodal.data.base.BatchPool``). A damaged cache file is recomputed from the WAV or JPEGs and overwritten. Missing files stop the run with their
 names (``skip_missing=True`` skips them and reports the count); an unreadable one (a bad WAV, frame
 or split list, a label outside the class list) stops it with a ``DataError`` naming the file.
 """
@@ -42,7 +43,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .audio import log_stft_spectrogram, read_wav
-from .base import DataSplits, EpochBatch, describe, stratified_split
+from .base import DataSplits, EpochBatch, describe, empty_batch, stratified_split
 from ..errors import DataError, DataNotFoundError
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -383,25 +384,33 @@ class AVClipDataset(Dataset):
                 opened[0].close()
         return out  # 3 x T x S x S
 
+    def batch_layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Each modality's per-sample shape and dtype (for ``BatchPool``)."""
+        return {"audio": ((1, *self.spectrogram_shape()), torch.float32),
+                "visual": ((3, self.frames, self.image_size, self.image_size), torch.float32)}
+
+    def fill_batch(self, indices: list[int], out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Write the samples at ``indices`` into ``out`` (``len(indices)`` x the ``batch_layout``
+        shapes) with this epoch's random draws; returns their labels."""
+        for j, i in enumerate(indices):  # every sample is written into its slot of the batch
+            rng = random.Random(hash((self.seed, self.epoch, i)) & 0xFFFFFFFF)
+            self.spectrogram(self.clips[i], out=out["audio"][j, 0])
+            self.frame_tensor(self.clips[i], rng, out=out["visual"][j])
+        return self.labels[indices]
+
     def __getitem__(self, index):
         if isinstance(index, EpochBatch):  # a batch for a persistent worker: the main process's epoch with it
             self.epoch = index.epoch
             index = index.indices
         batch = isinstance(index, (list, tuple, torch.Tensor))
         idx = [int(i) for i in index] if batch else [int(index)]
-        size = self.image_size
-        audio = torch.empty((len(idx), 1, *self.spectrogram_shape()))
-        visual = torch.empty((len(idx), 3, self.frames, size, size))
-        if batch and torch.utils.data.get_worker_info() is not None:
-            audio.share_memory_()  # a worker's batch goes to the main process without another copy
-            visual.share_memory_()
-        for j, i in enumerate(idx):  # every sample is written into its slot of the batch
-            rng = random.Random(hash((self.seed, self.epoch, i)) & 0xFFFFFFFF)
-            self.spectrogram(self.clips[i], out=audio[j, 0])
-            self.frame_tensor(self.clips[i], rng, out=visual[j])
+        # a worker's batch goes to the main process in shared memory, allocated there (no copy)
+        shared = batch and torch.utils.data.get_worker_info() is not None
+        out = {m: empty_batch((len(idx), *shape), dtype, shared) for m, (shape, dtype) in self.batch_layout().items()}
+        labels = self.fill_batch(idx, out)
         if batch:
-            return {"audio": audio, "visual": visual}, self.labels[idx]
-        return {"audio": audio[0], "visual": visual[0]}, self.labels[idx[0]]
+            return out, labels
+        return {m: x[0] for m, x in out.items()}, labels[0]
 
 
 def _check_files(root: Path, preset: Preset, rows: list[tuple[str, str]], skip_missing: bool, where: str

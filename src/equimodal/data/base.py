@@ -118,35 +118,191 @@ class EpochBatch:
     indices: list[int]
 
 
-class _Order:
-    """The batches of the current pass, replaced before each pass of a loader that is kept."""
+#: strong references to a storage (``None`` on a torch without it: then batch buffers are not reused)
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
-    def __init__(self) -> None:
+
+def empty_batch(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, shared: bool = False) -> torch.Tensor:
+    """An uninitialised tensor, allocated in shared memory when ``shared`` (what a worker process
+    returns travels to the main process without a copy; ``share_memory_()`` on an ordinary tensor
+    would copy it, which costs as much as filling it)."""
+    if not shared:
+        return torch.empty(shape, dtype=dtype)
+    proto = torch.empty(0, dtype=dtype)
+    storage = proto._typed_storage()._new_shared(max(1, int(torch.Size(shape).numel())))
+    return proto.new(storage)[:torch.Size(shape).numel()].view(shape)
+
+
+def _uses(tensor: torch.Tensor) -> int:
+    return _storage_use_count(tensor.untyped_storage()._cdata)
+
+
+class BatchPool:
+    """Batch buffers reused from one batch to the next, for datasets that fill a batch in place
+    (``batch_layout()`` and ``fill_batch(indices, out)``).
+
+    Writing 50 MB of fresh memory per batch costs page faults (and, in a worker, a shared-memory
+    segment) that take longer than the decoding itself; a slot's memory is written again once
+    nothing outside the pool refers to it any more. A slot is lent out as views (``lend``) and
+    counts as free only when the strong references to each of its storages are back at the count
+    taken while the pool alone held it (``torch._C._storage_Use_Count``), so a batch the consumer
+    keeps (in a list, a method's cache, a view of it) is never overwritten: when every slot is in
+    use, ``acquire`` returns None and the caller allocates a fresh batch. Slots live in shared
+    memory when worker processes fill them (allocated up front: the workers map them when they
+    start); in one process a slot is allocated when first needed. Only the main process lends and
+    reclaims.
+    """
+
+    FREE, FILLING, LENT = "free", "filling", "lent"
+
+    def __init__(self, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], batch_size: int, slots: int,
+                 shared: bool) -> None:
+        self.layout, self.batch_size, self.shared = layout, batch_size, shared
+        self.inputs: list[dict[str, torch.Tensor] | None] = [None] * slots
+        self.labels: list[torch.Tensor | None] = [None] * slots
+        self.state = [self.FREE] * slots
+        self._baseline: list[list[int] | None] = [None] * slots
+        if shared:
+            for k in range(slots):
+                self._allocate(k)
+
+    def _allocate(self, k: int) -> None:
+        self.inputs[k] = {m: empty_batch((self.batch_size, *shape), dtype, self.shared)
+                          for m, (shape, dtype) in self.layout.items()}
+        self.labels[k] = empty_batch((self.batch_size,), torch.long, self.shared)
+
+    def __getstate__(self) -> dict:  # workers need the buffers only (a spawned worker maps them once)
+        return {**self.__dict__, "state": [], "_baseline": []}
+
+    def _counts(self, k: int) -> list[int]:
+        return [_uses(t) for t in (*self.inputs[k].values(), self.labels[k])]
+
+    def acquire(self) -> int | None:
+        """A slot to fill (marked as filling), or None when every slot is filling or still referenced."""
+        for k, state in enumerate(self.state):
+            if state == self.LENT and self._counts(k) == self._baseline[k]:
+                self.state[k] = state = self.FREE
+            if state == self.FREE:
+                if self._baseline[k] is None:  # taken while nothing but the pool refers to the slot
+                    if self.inputs[k] is None:
+                        self._allocate(k)
+                    self._baseline[k] = self._counts(k)
+                self.state[k] = self.FILLING
+                return k
+        return None
+
+    def reclaim_unfinished(self) -> None:
+        """Slots of tasks whose results were dropped (a pass abandoned part-way; a persistent loader
+        drains those tasks before it starts the next pass, so no process writes to them any more)."""
+        self.state = [self.FREE if s == self.FILLING else s for s in self.state]
+
+    def fill(self, dataset, k: int, indices: list[int]) -> None:
+        """Fill slot ``k`` with the samples at ``indices`` (in whichever process runs the dataset)."""
+        n = len(indices)
+        self.labels[k][:n] = dataset.fill_batch(indices, {m: t[:n] for m, t in self.inputs[k].items()})
+
+    def lend(self, k: int, n: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Views of slot ``k``'s first ``n`` samples; the slot is reused once they are all gone."""
+        self.state[k] = self.LENT
+        return {m: t[:n] for m, t in self.inputs[k].items()}, self.labels[k][:n]
+
+
+def pools_batches(dataset, pin_memory: bool) -> bool:
+    """Whether ``iterate_batches`` fills reused buffers for ``dataset``: it fills batches in place, this
+    torch counts storage references, and no pinned copies are wanted (the pinning thread of a
+    ``DataLoader`` copies each batch anyway)."""
+    return (hasattr(dataset, "fill_batch") and hasattr(dataset, "batch_layout") and not pin_memory
+            and _storage_use_count is not None)
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One batch for a pooled loader: indices, the epoch the main process set, and the slot to fill
+    (None: no slot was free, return a freshly allocated batch)."""
+
+    epoch: int | None
+    indices: list[int]
+    slot: int | None
+
+
+@dataclass(frozen=True)
+class _Filled:
+    """What a pooled loader's dataset returns: slot ``slot`` holds ``n`` samples."""
+
+    slot: int
+    n: int
+
+
+class _PoolFiller(Dataset):
+    """The ``DataLoader``'s dataset for a pooled loader: fills the task's slot and returns its number."""
+
+    def __init__(self, dataset, pool: BatchPool) -> None:
+        self.dataset, self.pool = dataset, pool
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, task: _Task):
+        if task.epoch is not None:
+            self.dataset.set_epoch(task.epoch)
+        if task.slot is None:
+            return self.dataset[task.indices]
+        self.pool.fill(self.dataset, task.slot, task.indices)
+        return _Filled(task.slot, len(task.indices))
+
+
+class _Order:
+    """The batches of the current pass, replaced before each pass of a loader that is kept. With a
+    pool, each batch is given its slot when the loader asks for it (after a kept loader has drained
+    the tasks of an abandoned pass, so slots still marked as filling can be reclaimed)."""
+
+    def __init__(self, pool: BatchPool | None = None) -> None:
         self.batches: list = []
+        self.epoch: int | None = None
+        self.pool = pool
 
     def __iter__(self):
-        return iter(self.batches)
+        if self.pool is None:
+            yield from self.batches
+            return
+        self.pool.reclaim_unfinished()
+        for indices in self.batches:
+            yield _Task(self.epoch, indices, self.pool.acquire())
 
     def __len__(self) -> int:
         return len(self.batches)
 
 
-def _loader(dataset, num_workers: int, pin_memory: bool, persistent: bool):
+def _pool_slots(num_workers: int, prefetch_factor: int = 2) -> int:
+    """Slots for the batches in flight (``prefetch_factor`` per worker), the one being handed over
+    and the one the consumer's loop variable still holds."""
+    return prefetch_factor * num_workers + 2
+
+
+def _loader(dataset, num_workers: int, pin_memory: bool, persistent: bool, batch_size: int):
     """A ``DataLoader`` over ``dataset`` that yields whole batches (the dataset takes a list of
-    indices); with ``persistent`` it is made once per (dataset, settings) and kept on the dataset, so
-    its worker processes survive from one pass to the next. Only datasets that declare
-    ``keeps_loaders = True`` (and leave ``_equimodal_loaders`` out of their pickled state, for
-    workers started by spawn) keep one; others get a fresh loader per pass."""
-    if not persistent or num_workers == 0 or not getattr(type(dataset), "keeps_loaders", False):
-        order = _Order()
-        return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=num_workers,
-                                           pin_memory=pin_memory), order
+    indices), its order and its pool (or None); with ``persistent`` it is made once per (dataset,
+    settings) and kept on the dataset, so its worker processes survive from one pass to the next.
+    With 0 workers only a pool is worth keeping. Only datasets that declare ``keeps_loaders = True`` (and leave ``_equimodal_loaders`` out of
+    their pickled state, for workers started by spawn) keep one; others get a fresh loader per pass."""
+    pooled = pools_batches(dataset, pin_memory)
+
+    def make(keep: bool):
+        # with workers, only a kept loader gets a pool: its shared slots are allocated before the workers start
+        pool = BatchPool(dataset.batch_layout(), batch_size, _pool_slots(num_workers), shared=num_workers > 0) \
+            if pooled and (keep or num_workers == 0) else None
+        order = _Order(pool)
+        source = _PoolFiller(dataset, pool) if pool is not None else dataset
+        loader = torch.utils.data.DataLoader(source, batch_size=None, sampler=order, num_workers=num_workers,
+                                             pin_memory=pin_memory, persistent_workers=keep and num_workers > 0)
+        return loader, order, pool
+
+    if not persistent or not getattr(type(dataset), "keeps_loaders", False) or (num_workers == 0 and not pooled):
+        return make(False)
     kept = dataset.__dict__.setdefault("_equimodal_loaders", {})
-    key = (num_workers, pin_memory)
+    key = (num_workers, pin_memory, batch_size if pooled else None)
     if key not in kept:
-        order = _Order()
-        kept[key] = (torch.utils.data.DataLoader(dataset, batch_size=None, sampler=order, num_workers=num_workers,
-                                                 pin_memory=pin_memory, persistent_workers=True), order)
+        kept[key] = make(True)
     return kept[key]
 
 
@@ -163,8 +319,11 @@ def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None 
     In-memory datasets: one vectorised index gather per batch. Datasets read from disk go through a
     ``DataLoader`` (``num_workers`` processes) over the same order; ``pin_memory`` (for CUDA: faster,
     asynchronous copies) and ``persistent_workers`` (the worker processes are started once per
-    dataset and kept, instead of once per pass; the dataset's epoch travels with each batch as an
-    ``EpochBatch``) apply to those."""
+    dataset and kept, instead of once per pass; the dataset's epoch travels with each batch) apply to
+    those. A dataset that fills batches in place (``batch_layout`` and ``fill_batch``, as the
+    paper-dataset loaders do) is filled into a ``BatchPool`` of reused buffers (shared memory with
+    workers) unless ``pin_memory``: the batches yielded are views of those buffers, reused only
+    once nothing refers to them any more."""
     n = len(dataset)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     if limit is not None:
@@ -179,11 +338,15 @@ def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None 
         for chunk in chunks:
             yield dataset[chunk]
         return
-    persistent = persistent_workers and num_workers > 0 and getattr(type(dataset), "keeps_loaders", False)
-    loader, sampler = _loader(dataset, num_workers, pin_memory, persistent)
-    if persistent and hasattr(dataset, "set_epoch"):
-        epoch = int(getattr(dataset, "epoch", 0))
+    persistent = persistent_workers and getattr(type(dataset), "keeps_loaders", False)
+    loader, sampler, pool = _loader(dataset, num_workers, pin_memory, persistent, batch_size)
+    epoch = int(getattr(dataset, "epoch", 0)) if hasattr(dataset, "set_epoch") else None
+    if pool is not None:
+        sampler.epoch = epoch
+        sampler.batches = [c.tolist() for c in chunks]
+    elif persistent and num_workers > 0 and epoch is not None:
         sampler.batches = [EpochBatch(epoch, c.tolist()) for c in chunks]
     else:
         sampler.batches = [c.tolist() for c in chunks]
-    yield from loader
+    for item in loader:
+        yield pool.lend(item.slot, item.n) if isinstance(item, _Filled) else item
