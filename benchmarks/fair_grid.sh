@@ -10,8 +10,10 @@
 #   GRID=mfeat-weak3  the three weakest views (fou, mor, zer: 72-84% alone), where the fused model
 #                     is off its ceiling: the same rows, the best peers and the 2025 methods
 #   GRID=mfeat-peers  every other method supporting N modalities on the 6 views, tuned
-#   GRID=avdigits-fair AV-Digits: joint, alone x2, OGM-GE, OGM-boost, the four proposals and the 2025
-#                      methods (TUNE_SEEDS=0: settings tried with seed 0, the picks run with 3 seeds)
+#   GRID=avdigits-fair AV-Digits: joint, alone x2, OGM-GE, OGM-boost, the four proposals, the 2025
+#                      methods and every other published peer (TUNE_SEEDS=0: settings tried with
+#                      seed 0, the picks run with 3 seeds)
+# JOBS=2: two runs at a time (bench --jobs; one torch thread each with OMP_NUM_THREADS=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 flags=(--tune --equal-epochs --alone)
@@ -22,6 +24,8 @@ OURS="$OURS,ogm-ge:params=all:ratio=pairwise,ogm-boost:params=all,uncertainty,di
 # the peers with the largest gains in the untuned AV-Digits table, and the 2025 methods (issue 16)
 BEST_PEERS="mmcosine,mbsd,mmpareto"
 PEERS_2025="remix,arl,aug,midas"
+# every other published peer (issue 8 and the later ports)
+PEERS="modality-dropout,opm,gblend,agm,pmr,mmpareto,mslr,mmcosine,mbsd,cml,amco,mla,umt,ume,reconboost,relearn,inforeg,lfm,dimml,valuation"
 case "${GRID:?set GRID}" in
   synthetic-fair) dataset=synthetic; extra=()
                methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl" ;;
@@ -29,9 +33,9 @@ case "${GRID:?set GRID}" in
   mfeat-hard)  dataset=mfeat; methods="$OURS"; extra=(--set "data.modalities=[fou,kar,mor,zer]") ;;
   mfeat-weak3) dataset=mfeat; methods="$OURS,$BEST_PEERS,$PEERS_2025"; extra=(--set "data.modalities=[fou,mor,zer]") ;;
   mfeat-peers) dataset=mfeat; extra=()
-               methods="joint,modality-dropout,opm,gblend,agm,pmr,mmpareto,mslr,mmcosine,mbsd,cml,amco,mla,umt,ume,reconboost,relearn,inforeg,lfm,dimml,valuation,remix,arl,aug,midas" ;;
+               methods="joint,$PEERS,$PEERS_2025" ;;
   avdigits-fair) dataset=avdigits; extra=()
-               methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl,$PEERS_2025" ;;
+               methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl,$PEERS_2025,$PEERS" ;;
   *) echo "unknown GRID=$GRID" >&2; exit 2 ;;
 esac
 out="docs/results/${GRID}"
@@ -41,7 +45,7 @@ start=$(date +%s)
 status=0
 # TUNE_SEEDS=0: try the settings with seed 0 only, then run each pick with all three seeds
 equimodal bench --dataset "$dataset" --methods "$methods" --seeds 0,1,2 --out "$out" "${flags[@]}" \
-  ${TUNE_SEEDS:+--tune-seeds "$TUNE_SEEDS"} --no-progress "${extra[@]}" || status=$?
+  ${TUNE_SEEDS:+--tune-seeds "$TUNE_SEEDS"} ${JOBS:+--jobs "$JOBS"} --no-progress "${extra[@]}" || status=$?
 end=$(date +%s)
 {
   echo
