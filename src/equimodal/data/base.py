@@ -340,7 +340,8 @@ def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None 
         return
     persistent = persistent_workers and getattr(type(dataset), "keeps_loaders", False)
     loader, sampler, pool = _loader(dataset, num_workers, pin_memory, persistent, batch_size)
-    epoch = int(getattr(dataset, "epoch", 0)) if hasattr(dataset, "set_epoch") else None
+    epoch = getattr(dataset, "epoch", None) if hasattr(dataset, "set_epoch") else None
+    epoch = None if epoch is None else int(epoch)  # None: the dataset has no epoch yet (nothing to carry)
     if pool is not None:
         sampler.epoch = epoch
         sampler.batches = [c.tolist() for c in chunks]
