@@ -123,3 +123,28 @@ def test_accumulation_under_two_processes_uses_the_whole_effective_batch(tmp_pat
     assert all(torch.allclose(x, y, rtol=1e-4, atol=1e-5) for x, y in zip(a["ks"], b["ks"]))
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5), k
+
+
+EXIT_SCRIPT = """
+import atexit, sys, time
+atexit.register(lambda: open(f"{sys.argv[1]}/exit{rank}", "w").write(repr(time.time())))  # runs last
+from equimodal import _dist
+_dist.init_from_env("cpu")  # joins torchrun's group and registers the leave-at-exit handler
+rank = _dist.rank()
+if rank == 1:
+    time.sleep(3)  # rank 0 reaches exit 3 s earlier
+open(f"{sys.argv[1]}/done{rank}", "w").write(repr(time.time()))
+"""
+
+
+def test_ranks_leave_the_group_together_at_exit(tmp_path):
+    """A script that ends without calling shutdown: the exit handler waits for the other rank (a
+    rank closing its gloo connections while another was still finishing aborted that one now and
+    then), then leaves; both exit cleanly."""
+    script = tmp_path / "ends.py"
+    script.write_text(EXIT_SCRIPT)
+    proc = torchrun(2, [str(script), str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done1 = float((tmp_path / "done1").read_text())
+    exit0 = float((tmp_path / "exit0").read_text())
+    assert exit0 >= done1 - 0.05, "rank 0 left before rank 1 had finished"

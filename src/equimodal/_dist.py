@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -59,7 +60,7 @@ def init_from_env(device_name: str = "auto") -> torch.device:
     cuda = torch.cuda.is_available() and (device_name == "auto" or device_name.startswith("cuda"))
     if launched_by_torchrun() and not is_distributed():
         dist.init_process_group(backend="nccl" if cuda else "gloo")
-        atexit.register(shutdown)  # before the interpreter tears down the backend's threads
+        atexit.register(_leave_at_exit)  # before the interpreter tears down the backend's threads
     if cuda and is_distributed():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
@@ -86,4 +87,21 @@ def shutdown(wait_for_others: bool = False) -> None:
         return
     if wait_for_others:
         dist.barrier()
+    dist.destroy_process_group()
+
+
+def _leave_at_exit(timeout_s: float = 60.0) -> None:
+    """Leave the group at interpreter exit, after the other ranks got there too: a rank that closed
+    its gloo connections while another was still finishing aborted that one now and then
+    ("terminate called without an active exception", seen in a 2-process test script that ended
+    without calling ``shutdown``). The barrier is gloo's monitored one, with a timeout, so a rank
+    that died or is stuck elsewhere delays the exit by at most ``timeout_s`` and never hangs it;
+    NCCL has no such barrier and its group is left without one."""
+    if not is_distributed():
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+    except Exception:  # a peer is gone or elsewhere: leave anyway
+        pass
     dist.destroy_process_group()
