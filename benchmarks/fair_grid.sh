@@ -13,7 +13,7 @@
 #   GRID=avdigits-fair AV-Digits: joint, alone x2, OGM-GE, OGM-boost, the four proposals, the 2025
 #                      methods and every other published peer (TUNE_SEEDS=0: settings tried with
 #                      seed 0, the picks run with 3 seeds)
-# JOBS=2: two runs at a time (bench --jobs; one torch thread each with OMP_NUM_THREADS=1)
+# METHODS=joint,...: run only these rows (into the same folder); JOBS=2: two runs at a time (bench --jobs; one torch thread each with OMP_NUM_THREADS=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 flags=(--tune --equal-epochs --alone)
@@ -38,6 +38,7 @@ case "${GRID:?set GRID}" in
                methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl,$PEERS_2025,$PEERS" ;;
   *) echo "unknown GRID=$GRID" >&2; exit 2 ;;
 esac
+methods="${METHODS:-$methods}"  # METHODS=a,b,...: only these rows of the grid (same folder, cells reused)
 out="docs/results/${GRID}"
 mkdir -p "$out"
 exec 9>"$out/.lock" && flock 9  # one grid per folder at a time (a second invocation waits, then reuses)
@@ -49,7 +50,7 @@ equimodal bench --dataset "$dataset" --methods "$methods" --seeds 0,1,2 --out "$
 end=$(date +%s)
 {
   echo
-  echo "Ran: \`GRID=$GRID bash benchmarks/fair_grid.sh\` ($(date -u +%Y-%m-%d), $((end - start)) s wall for the runs"
+  echo "Ran: \`${METHODS:+METHODS=$methods }GRID=$GRID bash benchmarks/fair_grid.sh\` ($(date -u +%Y-%m-%d), $((end - start)) s wall for the runs"
   echo "not reused), on $(nproc --all) CPU cores ($(uname -m)), torch $(python -c 'import torch; print(torch.__version__)'),"
   echo "with other jobs sharing the CPU, so s / epoch is indicative only. Exit status $status."
   echo "Tuning seeds: ${TUNE_SEEDS:-0,1,2} (the picks then ran with seeds 0,1,2)."
