@@ -180,7 +180,7 @@ class BatchPool:
     def acquire(self) -> int | None:
         """A slot to fill (marked as filling), or None when every slot is filling or still referenced."""
         for k, state in enumerate(self.state):
-            if state == self.LENT and self._counts(k) == self._baseline[k]:
+            if state == self.LENT and all(c <= b for c, b in zip(self._counts(k), self._baseline[k])):
                 self.state[k] = state = self.FREE
             if state == self.FREE:
                 if self._baseline[k] is None:  # taken while nothing but the pool refers to the slot
@@ -282,9 +282,10 @@ def _pool_slots(num_workers: int, prefetch_factor: int = 2) -> int:
 def _loader(dataset, num_workers: int, pin_memory: bool, persistent: bool, batch_size: int):
     """A ``DataLoader`` over ``dataset`` that yields whole batches (the dataset takes a list of
     indices), its order and its pool (or None); with ``persistent`` it is made once per (dataset,
-    settings) and kept on the dataset, so its worker processes survive from one pass to the next.
-    With 0 workers only a pool is worth keeping. Only datasets that declare ``keeps_loaders = True`` (and leave ``_equimodal_loaders`` out of
-    their pickled state, for workers started by spawn) keep one; others get a fresh loader per pass."""
+    settings) and kept on the dataset, so its worker processes survive from one pass to the next
+    (with 0 workers, only a pool is worth keeping). Only datasets that declare ``keeps_loaders =
+    True`` (and leave ``_equimodal_loaders`` out of their pickled state, for workers started by
+    spawn) keep one; others get a fresh loader per pass."""
     pooled = pools_batches(dataset, pin_memory)
 
     def make(keep: bool):
