@@ -1,5 +1,6 @@
 """equimodal bench: the grid, its resumability, the tables and plots."""
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -122,3 +123,30 @@ def test_report_is_self_contained_and_renders_in_chromium(bench_run, tmp_path, c
     assert img.size == (1200, 1600)
     hist = img.histogram()
     assert sum(hist[:200]) > 0.01 * img.size[0] * img.size[1], "the page rendered text and plots, not a blank page"
+
+
+def test_accuracy_plot_draws_one_panel_per_row_when_there_are_many(tmp_path):
+    """Few rows: one plot with a legend; many rows: small multiples over the joint row (a PNG either
+    way, with as many panels as rows besides joint)."""
+    import matplotlib
+    from equimodal.analysis import plots
+
+    made = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def record(fig, path, *a, **k):
+        made[Path(path).name] = len([ax for ax in fig.axes if ax.axison])
+        return real_savefig(fig, path, *a, **k)
+
+    def runs(n):
+        return [{"label": "joint" if i == 0 else f"m{i}", "history": [{"val_acc": 0.1 * e + 0.01 * i} for e in range(4)]}
+                for i in range(n)]
+
+    matplotlib.figure.Figure.savefig = record
+    try:
+        plots.accuracy_per_epoch(runs(3), tmp_path / "few.png")
+        plots.accuracy_per_epoch(runs(14), tmp_path / "many.png")
+    finally:
+        matplotlib.figure.Figure.savefig = real_savefig
+    assert made == {"few.png": 1, "many.png": 13}
+    assert (tmp_path / "few.png").stat().st_size > 0 and (tmp_path / "many.png").stat().st_size > 0

@@ -30,16 +30,44 @@ def _mean_curve(runs: list[dict[str, Any]], key: str, sub: str | None = None) ->
         return np.nanmean(np.array([c[:n] for c in curves], dtype=float), axis=0)
 
 
+#: above this many rows one plot is a tangle: one small panel per row, each over the reference row
+SMALL_MULTIPLES_FROM = 9
+
+
 def accuracy_per_epoch(results: list[dict[str, Any]], path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, runs in _by_label(results).items():
-        curve = _mean_curve(runs, "val_acc")
-        ax.plot(np.arange(1, len(curve) + 1), 100 * curve, label=label, marker="." if len(curve) < 40 else None)
-    ax.set_xlabel("epoch (all stages)")
-    ax.set_ylabel("validation accuracy, fused (%)")
-    ax.set_title("Validation accuracy per epoch (mean over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    """Validation accuracy per epoch, mean over seeds: one plot for a few rows; for many, one
+    panel per row with the first row (joint, where the grid has it) drawn in grey in each."""
+    groups = _by_label(results)
+    curves = {label: 100 * _mean_curve(runs, "val_acc") for label, runs in groups.items()}
+    marker = "." if max(len(c) for c in curves.values()) < 40 else None
+    if len(curves) < SMALL_MULTIPLES_FROM:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for label, curve in curves.items():
+            ax.plot(np.arange(1, len(curve) + 1), curve, label=label, marker=marker)
+        ax.set_xlabel("epoch (all stages)")
+        ax.set_ylabel("validation accuracy, fused (%)")
+        ax.set_title("Validation accuracy per epoch (mean over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    else:
+        reference = "joint" if "joint" in curves else next(iter(curves))
+        others = [label for label in curves if label != reference]
+        cols = 6
+        rows = -(-len(others) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 1.8 * rows + 0.6), sharex=True, sharey=True,
+                                 squeeze=False)
+        ref = curves[reference]
+        for ax, label in zip(axes.flat, others):
+            ax.plot(np.arange(1, len(ref) + 1), ref, color="0.6", lw=1.2)
+            curve = curves[label]
+            ax.plot(np.arange(1, len(curve) + 1), curve, color="C0", lw=1.4, marker=marker, ms=3)
+            ax.set_title(label, fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+        for ax in list(axes.flat)[len(others):]:
+            ax.axis("off")
+        fig.suptitle(f"Validation accuracy per epoch, fused (%; mean over seeds); grey: {reference}", fontsize=10)
+        fig.supxlabel("epoch (all stages)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
