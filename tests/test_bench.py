@@ -68,7 +68,6 @@ def test_diagnose_reports_per_modality_gap_ratio_trace_and_verdict_from_validati
     assert main(args) == 0
     text = (out / "diagnosis.txt").read_text()
     import json
-    from pathlib import Path
     alone = json.loads((out / "runs" / "alone_audio-seed0" / "summary.json").read_text())
     joint = json.loads((out / "runs" / "joint-observed-seed0" / "summary.json").read_text())
     audio_line = next(line for line in text.splitlines() if line.startswith("audio"))
