@@ -3,7 +3,8 @@
 # rates for joint and the single-modality rows; picked on validation), equal epochs
 # (--equal-epochs: multi-stage methods share train.epochs), 3 seeds, every modality alone as the
 # reference. Resumable: rerun to continue (finished cells are reused if their config matches).
-#   GRID=synthetic-fair  the default data: joint, alone x2, OGM-GE, OGM-boost, the four proposals
+#   GRID=synthetic-fair  the default data: joint, alone x2, OGM-GE, OGM-boost, the four proposals,
+#                     the 2025 methods and every other published peer
 #   GRID=mfeat        the 6 views of UCI mfeat: joint, alone x6, OGM-GE with the N-modality
 #                     coefficient forms and ratio rules, the four proposals
 #   GRID=mfeat-hard   the four weakest views (fou, kar, mor, zer), same rows
@@ -28,7 +29,7 @@ PEERS_2025="remix,arl,aug,midas"
 PEERS="modality-dropout,opm,gblend,agm,pmr,mmpareto,mslr,mmcosine,mbsd,cml,amco,mla,umt,ume,reconboost,relearn,inforeg,lfm,dimml,valuation"
 case "${GRID:?set GRID}" in
   synthetic-fair) dataset=synthetic; extra=()
-               methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl" ;;
+               methods="joint,ogm-ge,ogm-boost,uncertainty,distill,ssl,$PEERS_2025,$PEERS" ;;
   mfeat)       dataset=mfeat; methods="$OURS"; extra=() ;;
   mfeat-hard)  dataset=mfeat; methods="$OURS"; extra=(--set "data.modalities=[fou,kar,mor,zer]") ;;
   mfeat-weak3) dataset=mfeat; methods="$OURS,$BEST_PEERS,$PEERS_2025"; extra=(--set "data.modalities=[fou,mor,zer]") ;;
