@@ -28,11 +28,10 @@ from .stats import mean_std, paired_difference
 OBSERVED_JOINT = "ogm:params=all:modulation_starts=1000000000:modulation_ends=1000000000"
 #: how the observed joint run is named in the output and its folders
 JOINT_LABEL = "joint (observed)"
-#: the methods ``--compare`` tries by default, from our own tables (docs/findings.md), all at about
-#: joint's cost: arl (the one method shown above the lr-tuned joint on AV-Digits), mbsd (the best
-#: fused accuracy of the tuned AV-Digits grid, 13-16 points in the imbalance sweep, +6.5 untuned on
-#: the default data), mmcosine (+4.0 untuned on the default data and +3.6 on AV-Digits; level with
-#: the lr-tuned joint there, −0.2 ± 0.5)
+#: the methods ``--compare`` tries by default, from our own tables (docs/findings.md, fair protocol),
+#: all at about joint's cost: arl (+6.4 on the default data, the one method shown above the lr-tuned
+#: joint on AV-Digits), mbsd (+6.4 on the default data, the best fused accuracy on AV-Digits, 13-16
+#: points in the imbalance sweep), mmcosine (+4.8 on the default data; level with joint on AV-Digits)
 DEFAULT_SHORTLIST = ("arl", "mbsd", "mmcosine")
 
 
