@@ -26,7 +26,7 @@ def test_wheel_holds_the_package_only_and_runs(tmp_path):
     data_like = [n for n in names if n.rsplit(".", 1)[-1] in ("pt", "npz", "wav", "jpg", "png", "csv", "html")]
     assert not data_like, f"data or results in the wheel: {data_like}"
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "equimodal = equimodal.cli:main" in entry
+    assert "equimodal = equimodal.cli:console" in entry
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}

@@ -1,6 +1,6 @@
 """``python -m equimodal`` (and ``torchrun -m equimodal``) runs the command-line interface."""
 import sys
 
-from .cli import main
+from .cli import console
 
-sys.exit(main())
+sys.exit(console())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 from pathlib import Path
@@ -71,7 +72,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"equimodal {__version__}: {m['name']} on {cfg['data']['name']} ({', '.join(trainer.splits.modalities)}), "
               f"fusion {cfg['model']['fusion']} / estimator {getattr(trainer.model, 'estimator', 'custom')}, device {trainer.device}"
               + (f" x {trainer.world} processes" if trainer.world > 1 else "") + f", output {trainer.out_dir}")
-    return _fit(trainer)
+    code = _fit(trainer)
+    if code == 0:
+        from . import _dist
+        del trainer  # its DDP wrappers hold the process group: let the group go with the trainer
+        gc.collect()
+        _dist.shutdown(wait_for_others=True)  # every rank finished the same epochs
+    return code
 
 
 def _fit(trainer) -> int:
@@ -87,8 +94,6 @@ def _fit(trainer) -> int:
         else:
             print("\ninterrupted before the first epoch finished; nothing was saved to resume from", file=sys.stderr)
         return 130
-    from . import _dist
-    _dist.shutdown(wait_for_others=True)  # every rank finished the same epochs
     return 0
 
 
@@ -381,5 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def console() -> int:
+    """The ``equimodal`` command and ``python -m equimodal``: ``main``, then a torchrun worker ends
+    at once (``equimodal._dist.exit_worker``: no interpreter teardown of the gloo backend)."""
+    from . import _dist
+    code = main()
+    _dist.exit_worker(code)
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())
