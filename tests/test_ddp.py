@@ -34,6 +34,8 @@ if hasattr(method, "before_step"):
 trainer.fit()
 params = {n: p.detach() for n, p in trainer.model.named_parameters()}  # BatchNorm buffers are per rank
 torch.save({"model": params, "ks": ks}, f"{out}/rank{trainer.rank}.pt")
+from equimodal import _dist
+_dist.exit_worker(0)  # as the CLI ends a torchrun worker: no interpreter teardown of the gloo backend
 """
 
 
