@@ -106,3 +106,16 @@ def test_pool_slot_is_free_again_only_when_every_view_is_gone():
     assert pool.acquire() is None, "a view of the lent batch is still alive"
     del view
     assert pool.acquire() == 0
+
+
+def test_kept_workers_without_a_pool_still_see_each_epoch(ks, monkeypatch):
+    """No pool (here: no storage use counts; on CUDA: pinned batches): the kept workers get the
+    epoch with every batch all the same, so each pass equals fresh batches of its own epoch."""
+    monkeypatch.setattr(base, "_storage_use_count", None)
+    for epoch in (0, 1, 2):
+        truth = expected(ks, epoch, seed=epoch)
+        ks.set_epoch(epoch)
+        got = list(iterate_batches(ks, 2, torch.Generator().manual_seed(epoch), num_workers=2, persistent_workers=True))
+        assert len(got) == len(truth) and all(same(a, b) for a, b in zip(got, truth)), epoch
+    (loader, _, pool), = ks._equimodal_loaders.values()
+    assert pool is None and loader.persistent_workers, "one kept loader, no pool"

@@ -43,7 +43,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .audio import log_stft_spectrogram, read_wav
-from .base import DataSplits, EpochBatch, describe, empty_batch, stratified_split
+from .base import DataSplits, describe, empty_batch, stratified_split
 from ..errors import DataError, DataNotFoundError
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -399,9 +399,6 @@ class AVClipDataset(Dataset):
         return self.labels[indices]
 
     def __getitem__(self, index):
-        if isinstance(index, EpochBatch):  # a batch for a persistent worker: the main process's epoch with it
-            self.epoch = index.epoch
-            index = index.indices
         batch = isinstance(index, (list, tuple, torch.Tensor))
         idx = [int(i) for i in index] if batch else [int(index)]
         # a worker's batch goes to the main process in shared memory, allocated there (no copy)

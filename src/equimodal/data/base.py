@@ -108,16 +108,6 @@ def num_batches(n: int, batch_size: int, world: int = 1) -> int:
     return sum(1 for start in range(0, n, batch_size) if min(batch_size, n - start) >= world)
 
 
-@dataclass(frozen=True)
-class EpochBatch:
-    """What a persistent worker receives for a dataset with ``set_epoch``: the indices of one batch
-    and the epoch the main process set, since a worker's copy of the dataset never sees the main
-    process's later ``set_epoch`` calls (the epoch seeds the random crops and frame choices)."""
-
-    epoch: int
-    indices: list[int]
-
-
 #: strong references to a storage (``None`` on a torch without it: then batch buffers are not reused)
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -217,8 +207,10 @@ def pools_batches(dataset, pin_memory: bool) -> bool:
 
 @dataclass(frozen=True)
 class _Task:
-    """One batch for a pooled loader: indices, the epoch the main process set, and the slot to fill
-    (None: no slot was free, return a freshly allocated batch)."""
+    """One batch for a kept or pooled loader: indices, the epoch the main process set (a persistent
+    worker's copy of the dataset never sees the main process's later ``set_epoch`` calls, and the
+    epoch seeds the random crops and frame choices), and the slot to fill (None: no pool, or no slot
+    was free; return a freshly allocated batch)."""
 
     epoch: int | None
     indices: list[int]
@@ -233,10 +225,11 @@ class _Filled:
     n: int
 
 
-class _PoolFiller(Dataset):
-    """The ``DataLoader``'s dataset for a pooled loader: fills the task's slot and returns its number."""
+class _TaskDataset(Dataset):
+    """The ``DataLoader``'s dataset for a kept or pooled loader: sets the task's epoch, then fills
+    the task's slot and returns its number, or returns a fresh batch."""
 
-    def __init__(self, dataset, pool: BatchPool) -> None:
+    def __init__(self, dataset, pool: BatchPool | None) -> None:
         self.dataset, self.pool = dataset, pool
 
     def __len__(self) -> int:
@@ -252,22 +245,24 @@ class _PoolFiller(Dataset):
 
 
 class _Order:
-    """The batches of the current pass, replaced before each pass of a loader that is kept. With a
-    pool, each batch is given its slot when the loader asks for it (after a kept loader has drained
-    the tasks of an abandoned pass, so slots still marked as filling can be reclaimed)."""
+    """The batches of the current pass, replaced before each pass of a loader that is kept. With
+    ``tasks``, each batch goes out as a ``_Task`` with the epoch and, with a pool, the slot it is
+    given when the loader asks for it (after a kept loader has drained the tasks of an abandoned
+    pass, so slots still marked as filling can be reclaimed)."""
 
-    def __init__(self, pool: BatchPool | None = None) -> None:
+    def __init__(self, pool: BatchPool | None = None, tasks: bool = False) -> None:
         self.batches: list = []
         self.epoch: int | None = None
-        self.pool = pool
+        self.pool, self.tasks = pool, tasks
 
     def __iter__(self):
-        if self.pool is None:
+        if not self.tasks:
             yield from self.batches
             return
-        self.pool.reclaim_unfinished()
+        if self.pool is not None:
+            self.pool.reclaim_unfinished()
         for indices in self.batches:
-            yield _Task(self.epoch, indices, self.pool.acquire())
+            yield _Task(self.epoch, indices, self.pool.acquire() if self.pool is not None else None)
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -292,8 +287,9 @@ def _loader(dataset, num_workers: int, pin_memory: bool, persistent: bool, batch
         # with workers, only a kept loader gets a pool: its shared slots are allocated before the workers start
         pool = BatchPool(dataset.batch_layout(), batch_size, _pool_slots(num_workers), shared=num_workers > 0) \
             if pooled and (keep or num_workers == 0) else None
-        order = _Order(pool)
-        source = _PoolFiller(dataset, pool) if pool is not None else dataset
+        tasks = pool is not None or (keep and num_workers > 0)  # kept workers need the epoch with each batch
+        order = _Order(pool, tasks)
+        source = _TaskDataset(dataset, pool) if tasks else dataset
         loader = torch.utils.data.DataLoader(source, batch_size=None, sampler=order, num_workers=num_workers,
                                              pin_memory=pin_memory, persistent_workers=keep and num_workers > 0)
         return loader, order, pool
@@ -343,12 +339,7 @@ def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None 
     loader, sampler, pool = _loader(dataset, num_workers, pin_memory, persistent, batch_size)
     epoch = getattr(dataset, "epoch", None) if hasattr(dataset, "set_epoch") else None
     epoch = None if epoch is None else int(epoch)  # None: the dataset has no epoch yet (nothing to carry)
-    if pool is not None:
-        sampler.epoch = epoch
-        sampler.batches = [c.tolist() for c in chunks]
-    elif persistent and num_workers > 0 and epoch is not None:
-        sampler.batches = [EpochBatch(epoch, c.tolist()) for c in chunks]
-    else:
-        sampler.batches = [c.tolist() for c in chunks]
+    sampler.epoch = epoch
+    sampler.batches = [c.tolist() for c in chunks]
     for item in loader:
         yield pool.lend(item.slot, item.n) if isinstance(item, _Filled) else item
