@@ -14,6 +14,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from equimodal.methods import available_methods
+
 ROOT = Path(__file__).resolve().parents[1]
 FINDINGS = ROOT / "docs" / "findings.md"
 BEGIN, END = "<!-- findings-tables: begin (python benchmarks/findings.py) -->", "<!-- findings-tables: end -->"
@@ -117,9 +119,7 @@ def main() -> int:
         if not (folder / "results.csv").is_file():
             blocks += [f"### {title}", "", f"(not run yet: docs/results/{name})", ""]
             continue
-        extra = ["remix", "arl", "aug", "midas", "mmcosine", "mbsd", "mmpareto", "modality-dropout", "opm",
-                 "gblend", "agm", "pmr", "mslr", "cml", "amco", "mla", "umt", "ume", "reconboost", "relearn",
-                 "inforeg", "lfm", "dimml", "valuation"]
+        extra = [m for m in available_methods() if m != "joint" and m not in ROWS]  # every other method
         blocks += [f"### {title}", "", f"From [docs/results/{name}](results/{name}/results.md).", "",
                    *table(folder, extra), ""]
     text = FINDINGS.read_text()
