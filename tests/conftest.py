@@ -13,6 +13,14 @@ def tiny_overrides():
     return list(TINY)
 
 
+def recomputed_test_acc(trainer) -> float:
+    """The test accuracy of the model and runner a finished trainer holds, computed again from
+    scratch (what a summary's ``test_acc`` must equal for a run that reports its last epoch)."""
+    from equimodal.train import evaluate
+    return evaluate(trainer.model, trainer.active, trainer.splits.test, trainer.device,
+                    precision=trainer.precision)["acc"]
+
+
 def make_model(modalities=("audio", "visual"), fusion="concat", estimator="auto", classes=5, width=8, dim=12):
     torch.manual_seed(0)
     encoders = {m: SmallCNN(width=width, out_dim=dim) for m in modalities}

@@ -309,3 +309,30 @@ def test_midas_options_are_checked():
                           ({"uni_reduction": "avg"}, "uni_reduction")):
         with pytest.raises(ValueError, match=word):
             build_method("midas", **options)
+
+
+def test_aug_adds_no_classifier_after_the_last_validation(tmp_path, tiny_overrides):
+    """check_every=2 over 4 epochs: ACA is due after epoch 4, the last, when nothing could train or
+    validate a new classifier; the test split must be scored with the stacks that validation saw."""
+    from equimodal.config import load_config
+    from equimodal.train import Trainer
+    cfg = load_config(overrides=tiny_overrides + ["method.name=aug", "method.check_every=2", "train.epochs=4",
+                                                  "train.probe=false", "method.sigma=0.0",
+                                                  "method.max_classifiers=5"])
+    trainer = Trainer(cfg, out_dir=tmp_path, echo=lambda s: None)
+    decisions = []
+    original = trainer.method.on_epoch_end
+
+    def record(epoch, metrics):
+        before = list(trainer.method.counts)
+        original(epoch, metrics)
+        decisions.append((epoch, before, list(trainer.method.counts)))
+
+    trainer.method.on_epoch_end = record
+    trainer.fit()
+    last_logged = [trainer.history[-1][f"classifiers/{m}"] for m in trainer.model.modalities]
+    # sigma=0 makes every due check grow a stack; epochs 1 and 2 (0 and 1 counted from 0) grew...
+    assert decisions[0][2] != decisions[0][1] and decisions[1][2] != decisions[1][1]
+    # ...the last epoch (due: (3 + 1) % 2 == 0) did not
+    assert decisions[-1][0] == 3 and decisions[-1][2] == decisions[-1][1]
+    assert trainer.method.counts == [int(c) for c in last_logged]

@@ -36,17 +36,35 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def average_gradients(params) -> None:
     """Average the gradients of parameters that live outside the DDP wrapper (a method's own heads)
-    over all ranks: one all-reduce of one flat tensor. Without a process group, nothing happens."""
+    over all ranks: one all-reduce of one flat tensor. Without a process group, nothing happens.
+
+    Every rank sends a slot for every parameter (zeros where it has no gradient) plus whether it has
+    one, so the flat tensors always have the same size, even when a head was used on one rank only
+    (a rank whose batch lacked a class, a skipped sub-batch). As DDP does for an unused parameter, a
+    rank without a gradient counts as zero in the average; a parameter no rank has a gradient for
+    keeps ``None`` (the optimizer leaves it alone)."""
     if world_size() == 1:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    params = [p for p in params]
+    if not params:
         return
-    flat = all_reduce_sum(torch.cat([g.flatten() for g in grads])) / world_size()
+    ref = next((p.grad for p in params if p.grad is not None), None)
+    device = ref.device if ref is not None else params[0].device
+    dtype = ref.dtype if ref is not None else params[0].dtype
+    slots = [p.grad.flatten().to(dtype) if p.grad is not None else torch.zeros(p.numel(), device=device, dtype=dtype)
+             for p in params]
+    has = torch.tensor([p.grad is not None for p in params], device=device, dtype=dtype)
+    flat = all_reduce_sum(torch.cat([*slots, has]))
+    sums, present = flat[:-len(params)] / world_size(), flat[-len(params):]
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for p, seen in zip(params, present.tolist()):
+        if seen > 0:
+            mean = sums[offset:offset + p.numel()].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = mean.clone()
+            else:
+                p.grad.copy_(mean)
+        offset += p.numel()
 
 
 def launched_by_torchrun() -> bool:

@@ -92,3 +92,23 @@ def diagnose(data: Any, out: str | Path = "diagnosis", seeds: Sequence[int] | No
         default = inspect.signature(run_diagnosis).parameters["seeds"].default
         seeds = [0] if default is inspect.Parameter.empty else default
     return run_diagnosis(dataset, out, seeds=list(seeds), overrides=[*extra, *overrides], **options)
+
+
+def evaluate_run(run: str | Path, split: str = "test", *, last: bool = False, device: str | None = None,
+                 data: Any = None, model: Callable[..., Any] | str | None = None) -> dict[str, Any]:
+    """Score a saved run (its folder or ``checkpoint.pt``) on ``split`` (``train``, ``val``, ``test``)
+    with the predictor it reports: the model and method rebuilt by ``Trainer.from_run`` (the same
+    rebuild as ``--resume``; the last stage's runner with its own heads), at the epoch the run
+    selected (``train.select``) unless ``last``. As ``equimodal eval``; ``data`` / ``model`` give a
+    dataset or model factory again that was not importable by name."""
+    from .train.trainer import Trainer, evaluate
+
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    trainer = Trainer.from_run(run, echo=lambda s: None, data=data, model_factory=model, device=device)
+    epoch, which = trainer.select_reported(last=last)
+    result = evaluate(trainer.model, trainer.active, getattr(trainer.splits, split), trainer.device,
+                      precision=trainer.precision)
+    return {"checkpoint": str(run), "split": split, "epochs_trained": trainer.epoch,
+            "evaluated_epoch": epoch + 1, "evaluated": which, "method": trainer.cfg["method"]["name"], **result}
+

@@ -98,30 +98,10 @@ def _fit(trainer) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .methods import build_method
-    from .train import build_model, evaluate
-    from .train.checkpoint import load_run_state
-    from .train.trainer import resolve_device
+    from .api import evaluate_run
 
-    state = load_run_state(args.checkpoint)
-    cfg = state["config"]
-    device = resolve_device(args.device or cfg["train"]["device"])
-    splits = load_dataset(cfg["data"]["name"], **{k: v for k, v in cfg["data"].items() if k != "name"})
-    model = build_model(cfg["model"], splits).to(device)
-    best = state.get("best") or {}
-    if cfg["train"]["select"] == "best_val" and best.get("model") is not None and not args.last:
-        weights, epoch, which = best["model"], best["epoch"], "best validation epoch (train.select=best_val)"
-    else:
-        weights, epoch, which = state["model"], state["epoch"] - 1, "last trained epoch"
-    model.load_state_dict(weights)
-    method = build_method(**cfg["method"])
-    method.load_state_dict(state["method"])
-    from .train.trainer import resolve_precision
-    result = evaluate(model, method, getattr(splits, args.split), device,
-                      precision=resolve_precision(cfg["train"], device))
-    result = {"checkpoint": str(args.checkpoint), "split": args.split, "epochs_trained": state["epoch"],
-              "evaluated_epoch": epoch + 1, "evaluated": which, **result}
+    result = evaluate_run(args.checkpoint, args.split, last=args.last, device=args.device)
+    result["checkpoint"] = str(args.checkpoint)
     print(json.dumps(result, indent=2))
     return 0
 

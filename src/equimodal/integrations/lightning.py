@@ -32,6 +32,7 @@ Install with ``pip install "equimodal[lightning]"``.
 from __future__ import annotations
 
 import copy
+import warnings
 import dataclasses
 from typing import Any, Iterator
 
@@ -174,6 +175,8 @@ class EquimodalCallback(pl.Callback):
         self.model = self._resolve_model(pl_module)
         optimizer = trainer.optimizers[0]
         method = self.method
+        for note in method.plan_epochs(int(trainer.max_epochs or 0) if (trainer.max_epochs or 0) > 0 else 0):
+            warnings.warn(note, stacklevel=2)  # a schedule that cannot act within max_epochs
         method.on_stage_start(method.stages()[0].name, resumed=self._restored is not None)
         if self.data is not None:
             method.attach_data(dataclasses.replace(self.data, device=pl_module.device))
@@ -210,7 +213,8 @@ class EquimodalCallback(pl.Callback):
                    or isinstance(v, torch.Tensor) and v.numel() == 1}
         if numbers:  # already identical on every rank (methods all-reduce their statistics)
             pl_module.log_dict(numbers, on_step=False, on_epoch=True, sync_dist=False)
-        self.method.on_epoch_end(trainer.current_epoch, {**self._validation(trainer), **figures})
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch == trainer.max_epochs - 1
+        self.method.on_epoch_end(trainer.current_epoch, {**self._validation(trainer), **figures, "final": last})
 
     def _validation(self, trainer: pl.Trainer) -> dict[str, Any]:
         """``val_acc`` and ``val_acc_by_modality`` for ``on_epoch_end``: computed on ``data.val``

@@ -8,6 +8,7 @@ first stage's objective::
 
     for stage in method.stages():            # most methods: one supervised stage
         runner = stage.method or method
+        notes = runner.plan_epochs(stage.epochs or epochs)   # schedules given as a share of the budget
         optimizer = make_optimizer(model)    # a fresh optimizer per stage
         runner.on_stage_start(stage.name, resumed=False)
         runner.attach_data(data)             # optional: only methods that read data use it
@@ -26,7 +27,7 @@ first stage's objective::
                     optimizer.step()
                     runner.after_step(model)                  # undo per-step optimizer changes
                     optimizer.zero_grad()
-            runner.on_epoch_end(epoch, metrics)  # metrics: at least {"val_acc_by_modality": ...}
+            runner.on_epoch_end(epoch, metrics)  # metrics: {"val_acc_by_modality": ..., "final": last epoch of the run}
     predictions = runner.predict(model(inputs)).argmax(1)   # the last stage's runner
 
 ``equimodal.methods.run_stages`` (``_loop.py``) is this loop, runnable as written.
@@ -154,6 +155,14 @@ class Method:
             raise ValueError(f"method {self.name!r} needs at least {self.min_modalities} modalities; "
                              f"the model has {list(inner.modalities)}")
 
+    def plan_epochs(self, epochs: int) -> list[str]:
+        """Before the first ``setup``, once per stage this method runs: that stage's number of
+        epochs. A method whose schedule the paper gives as a share of its budget (a warm-up of 10
+        of 70 epochs) resolves the share here (``_budget.share_of_budget``). Returns one line per
+        setting that cannot act within ``epochs`` (the loop prints them at the start, naming the
+        option). Default: nothing to resolve."""
+        return []
+
     def attach_data(self, data: MethodData) -> None:
         """Before ``setup`` of each stage the method runs: the data it may read outside the training
         steps (prototypes, held-out estimates, per-sample valuations). Default: keep a reference."""
@@ -215,7 +224,10 @@ class Method:
         self.epoch = int(epoch)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
-        """After the last step of ``epoch`` and its validation; ``metrics`` holds that epoch's figures."""
+        """After the last step of ``epoch`` and its validation; ``metrics`` holds that epoch's figures
+        and ``metrics["final"]``, True after the run's last validation (last epoch of the last
+        stage). Nothing a method changes then is ever validated, yet the test split would be scored
+        with it: a method must not change its predictor or the model when ``final`` is True."""
 
     def predict(self, output: ModelOutput) -> torch.Tensor:
         """Logits used for evaluation. Default: the fused logits."""

@@ -40,16 +40,21 @@ def run_stages(method: Method, model: nn.Module, make_optimizer: Callable[[nn.Mo
     ``epoch`` alone is accepted when no method resamples); ``val_batches()`` (optional) feeds
     ``on_epoch_end`` the validation figures that some methods decide on."""
     import inspect
+    import warnings
     takes_dataset = len(inspect.signature(train_batches).parameters) >= 2
     runner = method
-    for stage in method.stages():
+    stages = method.stages()
+    for index, stage in enumerate(stages):
         runner = stage.method or method
         optimizer = make_optimizer(model)
         runner.on_stage_start(stage.name, resumed=False)
         if data is not None:
             runner.attach_data(data)
         runner.setup(model, optimizer, seed=seed)
-        for epoch in range(stage.epochs or epochs):
+        stage_epochs = stage.epochs or epochs
+        for note in runner.plan_epochs(stage_epochs):
+            warnings.warn(note, stacklevel=2)
+        for epoch in range(stage_epochs):
             model.train()
             runner.on_epoch_start(epoch)
             train_set = runner.training_set(epoch, data.train) if data is not None else None
@@ -67,5 +72,6 @@ def run_stages(method: Method, model: nn.Module, make_optimizer: Callable[[nn.Mo
                     runner.after_step(model)
                     optimizer.zero_grad()
             metrics = _val_by_modality(runner, model, val_batches()) if val_batches is not None else {}
-            runner.on_epoch_end(epoch, metrics)
+            final = index == len(stages) - 1 and epoch == stage_epochs - 1
+            runner.on_epoch_end(epoch, {**metrics, "final": final})
     return runner

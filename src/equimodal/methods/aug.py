@@ -10,6 +10,7 @@ from torch import nn
 
 from .._dist import all_reduce_sum, average_gradients
 from ..models.multimodal import ModelOutput
+from ._budget import check_epoch_option, share_of_budget
 from ._base import Method, unwrap
 from ._heads import encoder_dims, seeded
 from ._registry import register_method
@@ -105,10 +106,15 @@ class AUG(Method):
     official code github.com/njustkmg/NeurIPS25-AUG (``train_CREMAD.py``, ``model/AudioVideo.py``).
 
     Options (defaults): lam (0.5, the May release; the April release 0.2; the paper searches
-    {0.1, 0.2, 0.33, 0.5, 1.0}); sigma (1.0) and tau (0.01); check_every (20 = t_N of CREMA-D's 200
-    epochs; the code uses epochs / 10); max_classifiers (11 per modality: one plus one per check of
-    a 200-epoch run); hidden (256); merge_weights (null: 0.4 / 0.6 for two modalities as the code's
-    ``--merge_alpha`` 0.4 on the first, equal weights for more; else one number per modality);
+    {0.1, 0.2, 0.33, 0.5, 1.0}); sigma (1.0) and tau (0.01); check_every (null: a tenth of the run's
+    epochs, rounded, at least 1, as the code's t_N = epochs / 10 (20 of CREMA-D's 200 epochs); 20 when
+    the loop does not tell the budget); max_classifiers (11 per modality: one plus one per check of
+    a 200-epoch run); hidden (256); merge_weights (null: for two modalities 0.6 on the weaker modality
+    and 0.4 on the stronger, by the method's own confidence estimate at its last ACA check (r = S_0 /
+    S_1 > 1: modality 1 is the weaker), which is the code's 0.4 audio / 0.6 video on CREMA-D, where
+    audio dominates; before the first check, or at r = 1, 0.4 on the first modality as the code's
+    ``--merge_alpha``; equal weights for more modalities; a list: one number per modality, in the
+    data's modality order, whatever their roles);
     layer1 ("trained": every added classifier is trained, as the paper says | "frozen": the added
     classifiers' Layer1 keeps its random initialisation, which is what the released code does, since
     its optimizer is built before ``add_layer`` and never sees the new layers; W2 and the encoders
@@ -138,9 +144,9 @@ class AUG(Method):
     min_modalities = 2
 
     #: what ``bench --tune`` tries (the default first)
-    search_space = {"check_every": (20, 2, 4, 8)}
+    search_space = {"check_every": (None, 2, 4, 8)}
 
-    def __init__(self, lam: float = 0.5, sigma: float = 1.0, tau: float = 0.01, check_every: int = 20,
+    def __init__(self, lam: float = 0.5, sigma: float = 1.0, tau: float = 0.01, check_every: int | None = None,
                  max_classifiers: int = 11, hidden: int = 256, merge_weights: list[float] | None = None,
                  layer1: str = "trained", ensemble: str = "logits", assign: str = "weaker",
                  threshold: float = 0.4) -> None:
@@ -148,7 +154,8 @@ class AUG(Method):
         for key, value in (("lam", lam), ("sigma", sigma), ("tau", tau), ("threshold", threshold)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
-        for key, value in (("check_every", check_every), ("max_classifiers", max_classifiers), ("hidden", hidden)):
+        check_epoch_option("check_every", check_every, 1)
+        for key, value in (("max_classifiers", max_classifiers), ("hidden", hidden)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive integer, got {value!r}")
         for key, value, allowed in (("layer1", layer1, _LAYER1), ("ensemble", ensemble, _ENSEMBLES),
@@ -163,7 +170,9 @@ class AUG(Method):
                 raise ValueError(f"merge_weights must be null or a list of numbers >= 0 with a positive sum, "
                                  f"got {merge_weights!r}")
         self.lam, self.sigma, self.tau, self.threshold = float(lam), float(sigma), float(tau), float(threshold)
-        self.check_every, self.max_classifiers, self.hidden = check_every, max_classifiers, hidden
+        self.check_option = check_every  # as given: None follows the run's budget
+        self.check_every = share_of_budget(check_every, 0, (1, 10), paper=20)
+        self.max_classifiers, self.hidden = max_classifiers, hidden
         self.merge_weights = None if merge_weights is None else [float(w) for w in merge_weights]
         self.layer1, self.ensemble, self.assign = layer1, ensemble, assign
         self.stacks: nn.ModuleDict | None = None  # modality -> ModuleList of Layer1 blocks
@@ -176,6 +185,13 @@ class AUG(Method):
         self.refused = 0  # growths refused because a stack was full
 
     # --- setup ---------------------------------------------------------------------------
+    def plan_epochs(self, epochs: int) -> list[str]:
+        self.check_every = share_of_budget(self.check_option, epochs, (1, 10), paper=20)
+        if self.check_every >= epochs - 1 and epochs > 1:
+            return [f"aug: check_every={self.check_every} with {epochs} epochs: classifiers are assigned only "
+                    "after the first epoch (no check falls before the last epoch); lower method.check_every"]
+        return []
+
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
         super().setup(model, optimizer, seed)
         inner = unwrap(model)
@@ -275,9 +291,11 @@ class AUG(Method):
         average_gradients([*unwrap(model).encoder_parameters(m), *self.parameters()])
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
-        """ACA after epoch 0 and after every ``check_every``-th epoch, from this epoch's confidences."""
+        """ACA after epoch 0 and after every ``check_every``-th epoch, from this epoch's confidences;
+        never after the run's last validation (``metrics["final"]``): a classifier added then would
+        be scored on test untrained and unvalidated (the official code scores before adding it)."""
         self._require_setup()
-        if not (epoch == 0 or (epoch + 1) % self.check_every == 0):
+        if metrics.get("final") or not (epoch == 0 or (epoch + 1) % self.check_every == 0):
             return
         n = len(self._modalities)
         scores = self._scores.clone() if self._scores is not None else torch.zeros(2 * n)
@@ -302,8 +320,10 @@ class AUG(Method):
         n = len(self._modalities)
         if self.merge_weights is not None:
             w = self.merge_weights
+        elif n == 2:  # 0.6 on the weaker by the last confidence check (the code: on video, CREMA-D's weak one)
+            w = [0.6, 0.4] if self.last_ratio is not None and self.last_ratio < 1 else [0.4, 0.6]
         else:
-            w = [0.4, 0.6] if n == 2 else [1.0] * n
+            w = [1.0] * n
         return [x / sum(w) for x in w]
 
     def predict(self, output: ModelOutput) -> torch.Tensor:

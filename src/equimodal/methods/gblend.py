@@ -143,6 +143,14 @@ class GradientBlending(Method):
         self._warned = False
 
     # --- setup ---------------------------------------------------------------------------
+    def plan_epochs(self, epochs: int) -> list[str]:
+        # the papers give super_epoch as a fixed count (BalanceMM 10, MultiBench 20), so it stays one
+        if self.mode == "online" and self.super_epoch >= epochs:
+            return [f"gblend: super_epoch={self.super_epoch} with {epochs} epochs: mode online never completes "
+                    "a super-epoch, so its weights stay uniform (plain joint plus unimodal losses); lower "
+                    "method.super_epoch or use mode offline"]
+        return []
+
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
         super().setup(model, optimizer, seed)
         inner = self._model = unwrap(model)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from .._dist import all_reduce_sum, world_size
+from ._budget import check_epoch_option, share_of_budget
 from ._base import Method, unwrap
 from ._registry import register_method
 
@@ -101,6 +102,9 @@ def interpolate_(params: list[nn.Parameter], theta0: list[torch.Tensor], a: floa
     torch._foreach_add_(params, [t.to(p.device, p.dtype) for t, p in zip(theta0, params)], alpha=a)
 
 
+#: the official re-initialisation interval as a share of its budget: every 20 of 90 epochs (CREMA-D)
+_REINIT_SHARE = (2, 9)
+
 @register_method("relearn")
 class Relearn(Method):
     """Diagnosing & Re-learning (Wei et al., ECCV 2024): soft re-init of each encoder by its train/val purity gap.
@@ -121,10 +125,11 @@ class Relearn(Method):
     Paper: Yake Wei, Siwei Li, Ruoxuan Feng, Di Hu, "Diagnosing and Re-learning for Balanced
     Multimodal Learning", ECCV 2024. Code: GeWu-Lab/Diagnosing_Relearning_ECCV2024 (``code/ours.py``).
     Defaults (the official script, CREMA-D, 90 epochs): move_lambda 3, reinit_epoch 20,
-    reinit_num 3, so re-initialisations follow epochs 21, 41 and 61 (1-based). A shorter run
-    must scale ``reinit_epoch``: with the defaults a run of 20 epochs or fewer never re-learns
-    (identical to ``joint``); for a 12-epoch run, ``reinit_epoch=3`` (the paper's interval, 20 of
-    90 epochs, scaled and rounded) re-initialises after epochs 4, 7 and 10.
+    reinit_num 3, so re-initialisations follow epochs 21, 41 and 61 (1-based). Our default
+    ``reinit_epoch`` is null: the official interval as a share of the run's epochs (20 of 90,
+    rounded, at least 1; 20 when the loop does not tell the budget), so a 12-epoch run uses 3 and
+    re-initialises after epochs 4, 7 and 10 instead of never (a fixed 20 leaves a run of 20 epochs
+    or fewer identical to ``joint``; the loop says so at the start).
 
     As in the official code: the schedule (e > 0 and e % reinit_epoch == 0, 0-based), features
     taken after the global pooling (the model's ``features``), train features in eval mode,
@@ -140,7 +145,7 @@ class Relearn(Method):
     rank extracts features on the full training and validation sets (the same data on every
     rank), and the a_m are averaged over ranks (one all-reduce of M numbers) so all ranks apply
     the same interpolation. A re-initialisation after the run's last epoch would leave the final
-    model perturbed and untrained: choose ``reinit_epoch`` so that none falls on the last epoch.
+    model perturbed and untrained: none happens then (``metrics["final"]``).
 
     Extra cost: none per step; at each re-initialisation one forward pass over the training and
     validation sets without gradients, and 2M k-means runs (``kmeans_restarts`` each). Memory:
@@ -151,25 +156,35 @@ class Relearn(Method):
     min_modalities = 1
 
     #: what ``bench --tune`` tries (the default first)
-    search_space = {"reinit_epoch": (20, 2, 4, 6)}
+    search_space = {"reinit_epoch": (None, 2, 4, 6)}
 
-    def __init__(self, move_lambda: float = 3.0, reinit_epoch: int = 20, reinit_num: int = 3,
+    def __init__(self, move_lambda: float = 3.0, reinit_epoch: int | None = None, reinit_num: int = 3,
                  kmeans_restarts: int = 10, kmeans_iters: int = 300) -> None:
         super().__init__()
         if (not isinstance(move_lambda, (int, float)) or isinstance(move_lambda, bool)
                 or not math.isfinite(move_lambda) or move_lambda < 0):
             raise ValueError(f"move_lambda must be a finite number >= 0, got {move_lambda!r}")
-        for key, value, low in (("reinit_epoch", reinit_epoch, 1), ("reinit_num", reinit_num, 0),
+        check_epoch_option("reinit_epoch", reinit_epoch, 1)
+        for key, value, low in (("reinit_num", reinit_num, 0),
                                 ("kmeans_restarts", kmeans_restarts, 1), ("kmeans_iters", kmeans_iters, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
         self.move_lambda = float(move_lambda)
-        self.reinit_epoch, self.reinit_num = reinit_epoch, reinit_num
+        self.reinit_option = reinit_epoch  # as given: None follows the run's budget
+        self.reinit_epoch = share_of_budget(reinit_epoch, 0, _REINIT_SHARE, paper=20)
+        self.reinit_num = reinit_num
         self.kmeans_restarts, self.kmeans_iters = kmeans_restarts, kmeans_iters
         self.done = 0  # re-initialisation epochs passed so far (the official ``flag_reinit``)
         self.theta0: dict[str, list[torch.Tensor]] | None = None
         self.pending: dict[str, float] = {}  # figures of the last re-initialisation, for log()
         self._model: nn.Module | None = None
+
+    def plan_epochs(self, epochs: int) -> list[str]:
+        self.reinit_epoch = share_of_budget(self.reinit_option, epochs, _REINIT_SHARE, paper=20)
+        if not any(self.due(e) for e in range(epochs - 1)) and self.reinit_num > 0:
+            return [f"relearn: reinit_epoch={self.reinit_epoch} falls on no epoch before the last of {epochs}: "
+                    "it never re-learns (it trains as joint); lower method.reinit_epoch"]
+        return []
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
         super().setup(model, optimizer, seed)
@@ -183,7 +198,9 @@ class Relearn(Method):
         return epoch > 0 and epoch % self.reinit_epoch == 0
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, Any]) -> None:
-        if not self.due(epoch):
+        # never after the run's last validation: the test split would be scored with encoders
+        # re-initialised towards theta0 and never trained or validated since
+        if metrics.get("final") or not self.due(epoch):
             return
         self.done += 1
         if self.done > self.reinit_num:

@@ -10,6 +10,7 @@ from torch import nn
 from .. import _dist
 from ..data.base import TensorMultimodalDataset
 from ..models.multimodal import ModelOutput
+from ._budget import check_epoch_option, share_of_budget
 from ._base import Method, fusing_model, unwrap
 from ._heads import linear_heads
 from ._registry import register_method
@@ -43,6 +44,9 @@ def with_assignment(dataset: Any, assign: torch.Tensor, n_modalities: int,
     return ResampledDataset(dataset, torch.arange(len(dataset)), keep, "features", modalities)
 
 
+#: the official warm-up as a share of its budget: 10 of 60 epochs (CREMA-D)
+_WARMUP_SHARE = (1, 6)
+
 @register_method("remix")
 class Remix(Method):
     """Data Remixing (Ma et al., ICML 2025): each sample trains its least confident modality alone, one modality per step.
@@ -66,7 +70,9 @@ class Remix(Method):
 
     Paper: Xiaoyu Ma, Hao Chen, Yongjian Deng, ICML 2025, "Improving Multimodal Learning Balance and
     Sufficiency through Data Remixing" (arXiv 2506.11550); official code MatthewMaxy/Remix_ICML2025
-    (``train.py``, ``models/models.py``). Defaults: warmup_epochs 10, warmup_weight 0.5 (the code's
+    (``train.py``, ``models/models.py``). Defaults: warmup_epochs null (a sixth of the run's epochs,
+    rounded: the code's 10 of 60, so a short run is not all warm-up; 10 when the loop does not tell
+    the budget), warmup_weight 0.5 (the code's
     alpha = beta), gamma 1.0 (gamma1 = gamma2), estimate "heads", eval_batch_size 256. The code's
     optimiser (Adam lr 5e-5, wd 1e-4, StepLR(30, 0.1), 60 epochs, batch 64) is a trainer setting.
 
@@ -100,12 +106,13 @@ class Remix(Method):
     min_modalities = 2
 
     #: what ``bench --tune`` tries (the default first)
-    search_space = {"warmup_epochs": (10, 2, 4, 6)}
+    search_space = {"warmup_epochs": (None, 2, 4, 6)}
 
-    def __init__(self, warmup_epochs: int = 10, warmup_weight: float = 0.5, gamma: float = 1.0,
+    def __init__(self, warmup_epochs: int | None = None, warmup_weight: float = 0.5, gamma: float = 1.0,
                  estimate: str = "heads", eval_batch_size: int = 256) -> None:
         super().__init__()
-        for key, value, low in (("warmup_epochs", warmup_epochs, 0), ("eval_batch_size", eval_batch_size, 1)):
+        check_epoch_option("warmup_epochs", warmup_epochs, 0)
+        for key, value, low in (("eval_batch_size", eval_batch_size, 1),):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
         for key, value in (("warmup_weight", warmup_weight), ("gamma", gamma)):
@@ -113,7 +120,9 @@ class Remix(Method):
                 raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if estimate not in _ESTIMATES:
             raise ValueError(f"estimate must be one of {list(_ESTIMATES)}, got {estimate!r}")
-        self.warmup_epochs, self.eval_batch_size = warmup_epochs, eval_batch_size
+        self.warmup_option = warmup_epochs  # as given: None follows the run's budget
+        self.warmup_epochs = share_of_budget(warmup_epochs, 0, _WARMUP_SHARE, paper=10, low=0)
+        self.eval_batch_size = eval_batch_size
         self.warmup_weight, self.gamma, self.estimate = float(warmup_weight), float(gamma), estimate
         self.heads: nn.ModuleDict | None = None
         self.substep = 0
@@ -137,6 +146,14 @@ class Remix(Method):
 
     def parameters(self) -> list[nn.Parameter]:
         return [] if self.heads is None else list(self.heads.parameters())
+
+    def plan_epochs(self, epochs: int) -> list[str]:
+        self.warmup_epochs = share_of_budget(self.warmup_option, epochs, _WARMUP_SHARE, paper=10, low=0)
+        if self.warmup_epochs >= epochs:
+            return [f"remix: warmup_epochs={self.warmup_epochs} covers all {epochs} epochs of the stage, so it "
+                    "never re-assigns a sample (it trains as joint plus unimodal losses); lower "
+                    "method.warmup_epochs or raise train.epochs"]
+        return []
 
     def _require_setup(self) -> None:
         if self._model is None:

@@ -94,6 +94,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"{path}: the file is empty (0 bytes)")
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+        if not head.startswith(b"\x80"):  # neither torch's zip format nor its legacy pickle format
+            kind = "text" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "binary data"
+            raise CheckpointError(f"{path}: not a torch checkpoint ({size} bytes of {kind}, e.g. a config.yaml); "
+                                  "give the run folder or its checkpoint.pt")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

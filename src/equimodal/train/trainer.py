@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .. import _dist
 from .._progress import show_progress
 from ..config import dump_config
-from ..errors import ConfigError, NonFiniteError, RunFolderError
+from ..errors import CheckpointError, ConfigError, EquimodalError, NonFiniteError, RunFolderError
 from ..data import DataSplits, TensorMultimodalDataset, load_dataset
 from ..data.base import iterate_batches, num_batches, stratified_split
 from ..methods import Method, MethodData, build_method
@@ -39,6 +39,11 @@ from .metrics import accuracy, linear_probe_scores, macro_f1
 
 # --- builders ------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` | ``cuda:N`` as a device of this machine; anything else is a
+    ``ConfigError`` naming the value."""
+    if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or
+                                         (name.startswith("cuda:") and name[5:].isdigit())):
+        raise ConfigError(f"device {name!r} is not one of ['auto', 'cpu', 'cuda', 'cuda:N']")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -301,6 +306,9 @@ class Trainer:
         if t.get("stage_budget", "each") == "shared":
             self.plan = [(n, m, e) for (n, m, _), e in zip(self.plan, share_budget([e for _, _, e in self.plan],
                                                                                    t["epochs"]))]
+        # schedules given as a share of the budget resolved against each stage's epochs; what
+        # cannot act within them is said once at the start of fit
+        self.notes = [note for _, m, e in self.plan for note in m.plan_epochs(e)]
         self.holdout = self._carve_holdout(max(m.holdout_fraction for _, m, _ in self.plan))
         self.total_epochs = sum(e for _, _, e in self.plan)
         self.epoch = 0  # global epoch, across stages
@@ -397,15 +405,74 @@ class Trainer:
         self.scaler_skips = int(state.get("scaler_skips", 0))
 
     @classmethod
+    def from_run(cls, run: str | Path, echo: Callable[[str], None] = print, data: Any = None,
+                 model_factory: Any = None, device: str | None = None) -> "Trainer":
+        """The one way to rebuild a run from its folder (or its ``checkpoint.pt``): splits, model,
+        method and the runner of the stage it was in, with every state restored, exactly as
+        training left them after its last finished epoch. ``resume``, ``equimodal eval`` and
+        ``equimodal.evaluate_run`` all go through here, so they cannot drift apart.
+
+        The stored config is checked as a fresh one is (``config.resolve``); a checkpoint whose
+        config or weights do not fit this version of equimodal is a ``CheckpointError`` naming the
+        file and the key. ``device`` replaces the run's ``train.device`` (evaluation elsewhere)."""
+        from ..config import resolve, with_user_parts
+        run = Path(run)
+        run_dir = run.parent if run.is_file() else run
+        path = run if run.is_file() else run / "checkpoint.pt"
+        state = load_run_state(path)
+        stored = state["config"]
+        if not isinstance(stored, dict) or not isinstance(stored.get("train"), dict):
+            raise CheckpointError(f"{path}: its stored config is not a full equimodal config "
+                                  f"(expected a mapping with a 'train' section, got {type(stored).__name__})")
+        stored = copy.deepcopy(stored)
+        if device is not None:
+            resolve_device(device)  # a bad --device is named as such, not as the checkpoint's fault
+            stored["train"]["device"] = device
+        try:  # a user's own data or model is registered again first, so its name resolves
+            cfg = with_user_parts(stored, data, model_factory) if data is not None or model_factory is not None \
+                else resolve(stored)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: its stored config does not fit this version of equimodal: {exc}") from None
+        if cfg != stored and device is None and data is None and model_factory is None:
+            changed = _first_difference(stored, cfg)
+            if changed is not None:
+                echo(f"note: {path} was written by another version of equimodal; {changed}")
+        epoch = state["epoch"]
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise CheckpointError(f"{path}: 'epoch' must be a whole number >= 0, got {epoch!r}")
+        trainer = cls(cfg, out_dir=run_dir, echo=echo)
+        try:
+            trainer.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            if isinstance(exc, EquimodalError):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{path}: its weights or state do not fit the model and method its config "
+                                  f"builds ({cfg['method']['name']} on {cfg['data']['name']}): {first}") from None
+        return trainer
+
+    @classmethod
     def resume(cls, run_dir: str | Path, echo: Callable[[str], None] = print, data: Any = None,
                model_factory: Any = None) -> "Trainer":
-        """Rebuild a run from ``run_dir/checkpoint.pt`` and continue after its last finished epoch
-        (``data`` / ``model_factory``: give your own again when they were not importable by name)."""
-        state = load_run_state(Path(run_dir) / "checkpoint.pt")
-        trainer = cls(state["config"], out_dir=run_dir, echo=echo, data=data, model_factory=model_factory)
-        trainer.load_state_dict(state)
+        """Rebuild a run (``from_run``: a folder or its ``checkpoint.pt``) and continue after its last
+        finished epoch (``data`` / ``model_factory``: give your own again when they were not
+        importable by name)."""
+        trainer = cls.from_run(run_dir, echo=echo, data=data, model_factory=model_factory)
         trainer.resumed = True
         return trainer
+
+    def select_reported(self, last: bool = False) -> tuple[int, str]:
+        """Load the weights and method state that the run reports (``finish`` does the same): the
+        best validation epoch's under ``train.select=best_val`` (unless ``last``), else the last
+        trained epoch's. Returns (that epoch, counted from 0; which it is, in words)."""
+        best = self.best or {}
+        if self.cfg["train"]["select"] == "best_val" and best.get("model") is not None and not last:
+            if best["epoch"] != self.epoch - 1:
+                self.model.load_state_dict(best["model"])
+                if best.get("method") is not None:  # runs saved before this key score with the last heads
+                    self.active.load_state_dict(best["method"])
+            return int(best["epoch"]), "best validation epoch (train.select=best_val)"
+        return self.epoch - 1, "last trained epoch"
 
     # --- the loop -----------------------------------------------------------------------
     def _shuffle_generator(self, epoch: int) -> torch.Generator:
@@ -536,6 +603,9 @@ class Trainer:
             self._rewrite_metrics()
             self.loggers.open(self.out_dir, self.cfg, self.history, self.optimizer_steps, resumed=self.epoch > 0)
         last_stage = len(self.plan) - 1
+        if self.epoch < self.total_epochs:
+            for note in self.notes:
+                self.echo(f"note: {note}")
         while self.epoch < self.total_epochs:
             epoch = self.epoch
             index, stage_epoch = self._stage_at(epoch)
@@ -555,10 +625,14 @@ class Trainer:
                       "val_acc_by_modality": val["acc_by_modality"], **method.log()}
             # the weights that scored val["acc"], copied before on_epoch_end may change them (relearn)
             if index == last_stage and val["acc"] > self.best["val_acc"]:
+                keep = t["select"] == "best_val"  # the method's own heads scored too, so they are kept with the weights
                 self.best = {"epoch": epoch, "val_acc": val["acc"],
-                             "model": copy.deepcopy(self.model.state_dict()) if t["select"] == "best_val" else None}
+                             "model": copy.deepcopy(self.model.state_dict()) if keep else None,
+                             "method": copy.deepcopy(method.state_dict()) if keep else None}
             with self.meter.counting():  # a method's own end-of-epoch passes (estimates, re-learning) count too
-                method.on_epoch_end(stage_epoch, record)
+                # "final": nothing changed after the run's last validation is ever validated (AUG's growth)
+                method.on_epoch_end(stage_epoch, {**record, "final": index == last_stage and
+                                                  stage_epoch == stage_epochs - 1})
             if last_stage > 0 and stage_epoch == stage_epochs - 1:  # report each stage of a multi-stage method
                 self.stage_reports.append(self._stage_report(name, method, val))
             self.elapsed += time.perf_counter() - start
@@ -596,8 +670,7 @@ class Trainer:
         if t["select"] == "best_val" and self.best["model"] is not None and self.best["epoch"] != self.epoch - 1:
             if last_test is None:
                 last_test = evaluate(self.model, self.active, self.splits.test, self.device, precision=self.precision)["acc"]
-            self.model.load_state_dict(self.best["model"])
-            selected = self.best["epoch"]
+            selected, _ = self.select_reported()
         test = evaluate(self.model, self.active, self.splits.test, self.device, precision=self.precision)
         if last_test is None:
             last_test = test["acc"]  # the selected epoch is the last one
@@ -626,6 +699,8 @@ class Trainer:
                      **self.meter.summary(self.optimizer_steps)},
             "seconds": self.elapsed + time.perf_counter() - start,
         }
+        if self.notes:
+            summary["notes"] = list(self.notes)
         summary["processes"] = self.world
         summary["peak_rss_mib_by_rank"] = peak_rss_by_rank()
         summary["precision"] = self.precision
@@ -645,6 +720,23 @@ class Trainer:
     def _append_metrics(self, record: dict[str, Any]) -> None:
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def _first_difference(stored: Any, resolved: Any, prefix: str = "") -> str | None:
+    """The first key where a stored config and its resolved form differ, in words (a checkpoint
+    from another version: a key added since is filled with its default)."""
+    if isinstance(stored, dict) and isinstance(resolved, dict):
+        for k in resolved:
+            key = f"{prefix}{k}"
+            if k not in stored:
+                return f"{key} is not in its config (now {resolved[k]!r}, the default)"
+            found = _first_difference(stored[k], resolved[k], key + ".")
+            if found:
+                return found
+        return None
+    if stored != resolved:
+        return f"{prefix.rstrip('.')} is read as {resolved!r} (stored {stored!r})"
+    return None
 
 
 def peak_rss_mib() -> float:
