@@ -14,7 +14,7 @@ from test_ddp import ENV, launcher
 METHODS = sorted(available_methods())
 RUN = ["data.n_train=240", "data.n_test=60", "model.width=8", "model.feature_dim=16", "optim.lr=0.05",
        "train.batch_size=40", "train.progress=false", "train.device=cpu", "train.probe=false",
-       "train.epochs=2", "train.stage_budget=shared", "model.norm=group", "train.loggers=[]"]
+       "train.epochs=3", "train.stage_budget=shared", "model.norm=group", "train.loggers=[]"]
 #: more stages than the epochs hold otherwise
 EXTRA = {"reconboost": ["method.rounds=1"]}
 #: methods whose rule draws random numbers per rank, so 2 processes and 1 cannot agree draw for

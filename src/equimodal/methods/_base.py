@@ -122,6 +122,10 @@ class Method:
     #: values, at most 4 combinations in all (the first value of each should be the default);
     #: empty: the method is tuned over the learning rate like the baseline (``LR_FACTORS``)
     search_space: dict[str, tuple] = {}
+    #: what the method's evaluation predicts with (``predict`` of its last stage's runner), shown in
+    #: every results table so rows are compared knowingly: ``"fused"`` (the model's fusion head, as
+    #: joint), ``"own heads"`` (the method's own per-modality heads, combined) or ``"mixed"`` (both)
+    predicts: str = "fused"
     #: registry name, filled in by ``register_method``
     name: str = "method"
 

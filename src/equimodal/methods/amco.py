@@ -83,6 +83,7 @@ class AMCo(Method):
 
     needs_unimodal_logits = True
     modifies_gradients = False
+    predicts = "mixed"
     min_modalities = 2
 
     #: what ``bench --tune`` tries (the default first)

@@ -141,6 +141,7 @@ class AUG(Method):
     before_step, on_epoch_end, predict, unimodal_logits, log, state_dict.
     """
 
+    predicts = "own heads"
     min_modalities = 2
 
     #: what ``bench --tune`` tries (the default first)

@@ -111,6 +111,7 @@ class DIMML(Method):
     unimodal_logits, log.
     """
 
+    predicts = "mixed"
     min_modalities = 2
 
     #: what ``bench --tune`` tries (the default first)

@@ -116,6 +116,7 @@ class LFM(Method):
     Hooks: setup, on_epoch_start, loss, before_step, predict, unimodal_logits, log, state_dict.
     """
 
+    predicts = "own heads"
     min_modalities = 2
 
     #: what ``bench --tune`` tries (the default first)

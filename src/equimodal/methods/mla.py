@@ -102,6 +102,7 @@ class MLA(Method):
     unimodal_logits, state_dict.
     """
 
+    predicts = "own heads"
     min_modalities = 2
     modifies_gradients = True
 

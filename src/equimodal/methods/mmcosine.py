@@ -43,13 +43,17 @@ class MMCosine(Method):
     features; here a method never reads a model attribute, so W_m is a separate seeded head on the
     encoder's features, which works with every fusion and any number of modalities (the sum runs
     over all of them). The official NCE term (``lam``, default 0) and the port's modulation window
-    (default: every epoch) are left out.
+    (default: every epoch) are left out. Evaluation: the official ``valid`` scores the plain
+    (unnormalised) linear fusion head; we score z = sum_m z_m, the cosine heads training optimised
+    (the model's own fusion head is never trained here, so scoring it would score an untrained
+    layer).
 
     Extra cost per step: M small matrix products and normalisations, no extra forward or backward
     pass of the encoders. The heads' gradients are averaged across ranks in ``before_step``.
     Hooks: setup, loss, before_step, predict, unimodal_logits.
     """
 
+    predicts = "own heads"
     min_modalities = 1
 
     #: what ``bench --tune`` tries (the default first)

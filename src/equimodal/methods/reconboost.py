@@ -73,6 +73,7 @@ class ReconBoost(Method):
     heads' and beta's gradients across ranks), predict, unimodal_logits, log, log_stage, state_dict.
     """
 
+    predicts = "own heads"
     min_modalities = 2
 
     #: what ``bench --tune`` tries (the default first)

@@ -34,6 +34,8 @@ class UME(UnimodalTeachers):
     unimodal_logits, state_dict.
     """
 
+    predicts = "own heads"
+
     def __init__(self, weights: dict[str, float] | None = None, teacher_epochs: int | None = None) -> None:
         super().__init__(teacher_epochs=teacher_epochs)
         if weights is not None:
