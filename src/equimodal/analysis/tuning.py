@@ -98,11 +98,19 @@ def open_storage(url: str):
         path = url[len("journal:"):].removeprefix("//")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(path))
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:"):
-        Path(url.split("///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}
-    return optuna.storages.RDBStorage(url, **kwargs)
+    if not url.startswith("sqlite:"):
+        return optuna.storages.RDBStorage(url)
+    import fcntl
+
+    path = Path(url.split("///", 1)[-1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # workers that start together would each create the schema of a new file (and all but one fail)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # --- the search space -------------------------------------------------------------------------
@@ -274,11 +282,11 @@ def reap_stale(study: Any, stale_after: float) -> int:
         if not dead and now - beat < stale_after:
             continue
         try:
+            study._storage.set_trial_user_attr(t._trial_id, "failed", "worker gone")
             if not study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker reaped it first
-        study._storage.set_trial_user_attr(t._trial_id, "failed", "worker gone")
+            continue  # another worker reaped it first (or it just finished)
         study.enqueue_trial(t.params, user_attrs={"retry_of": attrs.get("retry_of", t.number)})
         reaped += 1
     return reaped
