@@ -247,3 +247,24 @@ def test_plan_prints_worker_commands_that_share_the_storage_then_the_reporting_c
     captured = capsys.readouterr()
     assert len(captured.out.strip().splitlines()) == 2 and "seed1" in captured.out  # the new reporting seed only
     assert "tuning finished; 2 of 4 reporting cell(s)" in captured.err
+
+
+def test_a_method_declaring_ranges_is_searched_over_them(monkeypatch):
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from equimodal.methods import _registry
+    from equimodal.methods._space import Choice, FloatRange, IntRange
+
+    class Declared:
+        search_space = {"alpha": FloatRange(0.1, 3.0, log=True), "warmup": IntRange(1, 6), "mode": Choice("a", "b"),
+                        "old": (1, 2, 3)}
+
+    monkeypatch.setattr(_registry, "method_class", lambda name: Declared)
+    space = row_space("declared:mode=b", 0.1, TuningOptions(lr_range=(1e-3, 1.0)))
+    assert space == {"optim.lr": FloatDistribution(1e-3, 1.0, log=True),
+                     "method.alpha": FloatDistribution(0.1, 3.0, log=True), "method.warmup": IntDistribution(1, 6),
+                     "method.old": CategoricalDistribution([1, 2, 3])}  # mode is fixed by the row
+    assert tuning.setting_spec("declared", {"optim.lr": 0.012345, "method.alpha": 0.5}) == \
+        "declared:optim.lr=0.01235:alpha=0.5"
+    with pytest.raises(ConfigError, match="--lr-range"):
+        TuningOptions(lr_range=(1.0, 0.1))

@@ -70,7 +70,13 @@ def tuning_settings(spec: str, base_lr: float) -> list[str]:
         if "optim.lr" in given:
             return [spec]
         return [spec] + [f"{spec}:optim.lr={base_lr * f:g}" for f in LR_FACTORS[1:]]
-    combos = list(itertools.product(*space.values()))
+    from ..methods._space import Choice, dimension
+    dims = {k: dimension(v) for k, v in space.items()}
+    ranged = [k for k, d in dims.items() if not isinstance(d, Choice)]
+    if ranged:
+        raise ConfigError(f"{spec}: search_space declares ranges ({', '.join(ranged)}); the fixed grid (--tune-grid) "
+                          "needs value lists: use --tune")
+    combos = list(itertools.product(*(d.values for d in dims.values())))
     return [spec] + [spec + "".join(f":{k}={v}" for k, v in zip(space, c)) for c in combos[1:]]
 
 
