@@ -333,6 +333,11 @@ def bench_tuned(dataset: str, rows: list[str], seeds: list[int], out: str | Path
     row, ``tuned`` = the pick and ``tuning`` = the study's counts and compute)."""
     from .tuning import Tuner, TuningOptions, header_line, tuning_table
 
+    from .._dist import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise ConfigError("bench --tune runs its trials in separate processes (--jobs, or --plan's worker commands), "
+                          "not under torchrun")
     options = tuning or TuningOptions(seeds=tuple(tune_seeds or (100,)))
     shared = sorted(set(options.seeds) & set(seeds))
     if shared:
@@ -344,7 +349,7 @@ def bench_tuned(dataset: str, rows: list[str], seeds: list[int], out: str | Path
     jobs, collect_only = int(grid_opts.get("jobs", 1)), bool(grid_opts.get("collect_only"))
     if not collect_only:
         if jobs > 1 and not tune_only:
-            tuner.run_workers(jobs, seeds, rows)
+            tuner.run_workers(jobs, seeds, rows, grid_opts.get("devices"))
         else:
             tuner.tune(wait=not tune_only)
     if tune_only:

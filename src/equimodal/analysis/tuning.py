@@ -335,6 +335,16 @@ class _EpochReporter:
             raise _optuna().TrialPruned(f"pruned after epoch {record['epoch'] + 1}")
 
 
+def _holds(run_dir: Path, cfg: dict[str, Any]) -> bool:
+    """Whether ``run_dir`` holds nothing, or a run of exactly ``cfg`` (display keys aside)."""
+    import yaml
+
+    from .bench import config_differences
+
+    stored = run_dir / "config.yaml"
+    return not stored.is_file() or not config_differences(yaml.safe_load(stored.read_text()) or {}, cfg)
+
+
 def _passes(cost: dict[str, Any]) -> float:
     per_step = cost["forward_per_step"] + cost["forward_no_grad_per_step"] + 2 * cost["backward_per_step"]
     return per_step * cost["optimizer_steps"]
@@ -453,6 +463,9 @@ class Tuner:
                 cfg = load_config(overrides=[f"data.name={self.dataset}", *self.overrides, *parse_method_spec(row)[1],
                                              *sets, f"train.seed={seed}", f"train.out={run_dir}",
                                              "train.progress=false"])
+                if not _holds(run_dir, cfg):  # a folder left by a storage since deleted: not this setting
+                    for stale in ("summary.json", "checkpoint.pt"):
+                        (run_dir / stale).unlink(missing_ok=True)
                 if (run_dir / "summary.json").is_file():  # this seed finished before a worker died
                     summary = json.loads((run_dir / "summary.json").read_text())
                     history = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
@@ -532,15 +545,20 @@ class Tuner:
                 "--lr-range", f"{self.lr_range[0]!r},{self.lr_range[1]!r}", "--pruner", o.pruner,
                 "--storage", self.url, "--no-progress"]
 
-    def run_workers(self, jobs: int, seeds: Sequence[int], methods: Sequence[str]) -> None:
-        """``jobs`` workers on this machine: ``jobs - 1`` processes plus this one; then wait for all."""
+    def run_workers(self, jobs: int, seeds: Sequence[int], methods: Sequence[str],
+                    devices: Sequence[str] | None = None) -> None:
+        """``jobs`` workers on this machine: ``jobs - 1`` processes plus this one; then wait for all.
+        ``devices``: worker k sees only GPU k mod len(devices) (this process keeps its own)."""
         procs = []
         logs = self.out / "tuning"
         logs.mkdir(parents=True, exist_ok=True)
         for k in range(1, jobs):
+            env = dict(os.environ)
+            if devices:
+                env["CUDA_VISIBLE_DEVICES"] = devices[k % len(devices)]
             log = open(logs / f"worker{k}.log", "w")
-            procs.append((subprocess.Popen(self.worker_command(seeds, methods), stdout=log, stderr=subprocess.STDOUT),
-                          log))
+            procs.append((subprocess.Popen(self.worker_command(seeds, methods), stdout=log, stderr=subprocess.STDOUT,
+                                           env=env), log))
         try:
             self.tune(wait=True)
         finally:

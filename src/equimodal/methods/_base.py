@@ -117,9 +117,10 @@ class Method:
     #: fraction of the training split the trainer withholds for this method's own estimates
     #: (given to ``attach_data`` as ``MethodData.holdout``); 0 for most methods
     holdout_fraction: float = 0.0
-    #: the settings ``bench --tune`` tries for this method's main hyper-parameters: option name ->
-    #: values, at most 4 combinations in all (the first value of each should be the default);
-    #: empty: the method is tuned over the learning rate like the baseline (``LR_FACTORS``)
+    #: what ``bench --tune`` searches (with the learning rate) for this method's main options:
+    #: option name -> a tuple of values (a choice; first the default, at most 4 combinations for
+    #: ``--tune-grid``) or a ``Choice``/``FloatRange``/``IntRange`` (``methods/_space.py``);
+    #: empty: the learning rate alone, like the baseline
     search_space: dict[str, tuple] = {}
     #: registry name, filled in by ``register_method``
     name: str = "method"
