@@ -200,12 +200,11 @@ def test_two_workers_on_one_sqlite_storage_finish_n_trials_together_none_repeate
 
 
 def test_a_killed_workers_study_resumes_where_it_stopped(tmp_path):
-    worker = _worker(tmp_path, 3, 3, pruner="none")
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill it inside a trial, after that trial's first checkpoint
-        half = [p for p in (tmp_path / "tuning" / "joint").glob("trial*/seed100")
-                if (p / "checkpoint.pt").is_file() and not (p / "summary.json").is_file()] \
-            if (tmp_path / "tuning" / "joint").is_dir() else []
+    worker = _worker(tmp_path, 2, 3, pruner="none")
+    last = tmp_path / "tuning" / "joint" / "trial1" / "seed100"
+    deadline = time.time() + 180
+    while time.time() < deadline:  # kill it inside its last trial, after that trial's first checkpoint
+        half = (last / "checkpoint.pt").is_file() and not (last / "summary.json").is_file()
         if half:
             break
         time.sleep(0.05)
@@ -215,11 +214,11 @@ def test_a_killed_workers_study_resumes_where_it_stopped(tmp_path):
     url = f"sqlite:///{tmp_path.resolve() / 'tuning.db'}"
     killed = _trials(url, "joint", ("RUNNING",))
     assert len(killed) == 1
-    tuner = Tuner("synthetic", ["joint"], tmp_path, [*SMALL, "train.epochs=3"], TuningOptions(trials=3, pruner="none"),
+    tuner = Tuner("synthetic", ["joint"], tmp_path, [*SMALL, "train.epochs=3"], TuningOptions(trials=2, pruner="none"),
                   echo=lambda s: None)
-    tuner.tune()
+    tuner.tune(wait=False)  # no other worker: it must take the dead one's trial over itself
     finished = _trials(url, "joint")
-    assert len(finished) == 3
+    assert len(finished) == 2
     failed = _trials(url, "joint", ("FAIL",))
     assert [t.number for t in failed] == [killed[0].number] and failed[0].user_attrs["failed"] == "worker gone"
     retry = next(t for t in finished if t.user_attrs.get("retry_of") == killed[0].number)

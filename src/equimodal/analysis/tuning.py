@@ -352,7 +352,7 @@ def _passes(cost: dict[str, Any]) -> float:
 
 @dataclass
 class RowTuning:
-    """What ``tune_rows`` found for one row."""
+    """What ``Tuner.results`` found for one row: its pick and its study's counts and compute."""
 
     row: str
     study: str
@@ -364,7 +364,6 @@ class RowTuning:
     passes: float = 0.0
     lr_edge: bool = False
     lr_position: float | None = None
-    unpruned_epochs: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -426,8 +425,8 @@ class Tuner:
         study, n = self.studies[row], self.options.trials
         while True:
             reap_stale(study, self.options.stale_after)
-            if len(self._count(row, _LIVE)) >= n:
-                return
+            if len(self._count(row, _LIVE)) >= n and not self._count(row, ("WAITING",)):
+                return  # full, and no queued trial (a dead worker's, to continue) left to run
             trial = study.ask(fixed_distributions=self.spaces[row])
             live = sorted(t.number for t in self._count(row, _LIVE))
             if trial.number not in live[:n]:  # a concurrent worker took the last place meanwhile
