@@ -34,6 +34,7 @@ class _Seen:
 
     def __init__(self):
         self.trials = {}
+        self.sampler_seeds = []
 
     def record(self, study):
         for t in study.get_trials(deepcopy=False):
@@ -52,6 +53,7 @@ def tuned(tmp_path_factory):
     real_sampler, real_pruner = tuning.make_sampler, tuning.make_pruner
 
     def sampler(seed, trials):
+        seen.sampler_seeds.append(seed)
         inner = real_sampler(seed, trials)
         real_before = inner.before_trial
 
@@ -119,6 +121,7 @@ def test_multi_stage_methods_report_every_epoch_of_every_stage(tuned):
 def test_only_tuning_seeds_and_validation_figures_reach_the_sampler_and_the_pruner(tuned):
     out, result, seen = tuned
     assert seen.trials, "the sampler and pruner were called"
+    assert set(seen.sampler_seeds) == {100}  # the sampler is seeded from the tuning seed, never a reporting one
     for (row, number), (intermediate, value, attrs, params) in seen.trials.items():
         folder = out / "tuning" / row / f"trial{number}" / "seed100"
         history = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
@@ -267,3 +270,24 @@ def test_a_method_declaring_ranges_is_searched_over_them(monkeypatch):
         "declared:optim.lr=0.01235:alpha=0.5"
     with pytest.raises(ConfigError, match="--lr-range"):
         TuningOptions(lr_range=(1.0, 0.1))
+
+
+def test_a_pick_in_the_outer_tenth_of_the_learning_rate_range_is_flagged(tmp_path):
+    from equimodal.analysis.tuning import tuning_table
+
+    options = TuningOptions(trials=2, lr_range=(1e-3, 1.0))
+    tuner = Tuner("synthetic", ["joint", "alone:audio"], tmp_path, [*SMALL, "train.epochs=1"], options,
+                  echo=lambda s: None)
+    lr = optuna.distributions.FloatDistribution(1e-3, 1.0, log=True)
+    for row, best in (("joint", 0.7), ("alone:audio", 0.03)):  # 0.7: 95% up the log range; 0.03: 51%
+        for value, rate in ((0.9, best), (0.5, 0.01)):
+            tuner.studies[row].add_trial(optuna.trial.create_trial(
+                params={"optim.lr": rate}, distributions={"optim.lr": lr}, value=value,
+                user_attrs={"epochs": 1, "encoder_passes": 10.0}))
+    joint, alone = tuner.results()
+    assert joint.lr_edge and joint.lr_position == pytest.approx(0.948, abs=1e-3) and joint.params == {"optim.lr": 0.7}
+    assert not alone.lr_edge and (alone.trials, alone.epochs, alone.passes) == (2, 2, 20.0)
+    text = tuning_table([joint, alone], options, [0, 1], tuner.url)
+    assert "0.95 ‡ edge" in next(x for x in text.splitlines() if x.startswith("| joint |"))
+    assert "‡" not in next(x for x in text.splitlines() if x.startswith("| alone:audio |"))
+    assert "tuning seed(s) 100; reported on seed(s) 0, 1" in text.splitlines()[0]

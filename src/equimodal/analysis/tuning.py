@@ -178,8 +178,11 @@ def make_sampler(seed: int, trials: int):
 
         @staticmethod
         def _fresh(s: int):
-            return optuna.samplers.TPESampler(seed=s, n_startup_trials=max(2, trials // 3), multivariate=True,
-                                              constant_liar=True)
+            import warnings
+            with warnings.catch_warnings():  # multivariate / constant_liar were "experimental" in Optuna 4
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.samplers.TPESampler(seed=s, n_startup_trials=max(2, trials // 3), multivariate=True,
+                                                  constant_liar=True)
 
         def before_trial(self, study, trial) -> None:
             self._inner = self._fresh(seed * 10_007 + trial.number)
