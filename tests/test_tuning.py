@@ -4,6 +4,7 @@ the sampler and pruner, shared and resumable storages, mismatches refused."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -291,3 +292,28 @@ def test_a_pick_in_the_outer_tenth_of_the_learning_rate_range_is_flagged(tmp_pat
     assert "0.95 ‡ edge" in next(x for x in text.splitlines() if x.startswith("| joint |"))
     assert "‡" not in next(x for x in text.splitlines() if x.startswith("| alone:audio |"))
     assert "tuning seed(s) 100; reported on seed(s) 0, 1" in text.splitlines()[0]
+
+
+def test_a_trial_made_surplus_by_a_concurrent_worker_is_given_back_untrained(tmp_path):
+    """Two workers count N-1 live trials at once and both ask: the later trial is failed (marked
+    surplus) before it trains, so the study still ends with N; a live worker's trial is left alone."""
+    tuner = Tuner("synthetic", ["joint"], tmp_path, [*SMALL, "train.epochs=1"], TuningOptions(trials=1),
+                  echo=lambda s: None)
+    study = tuner.studies["joint"]
+    real_ask = study.ask
+
+    def ask_after_another_worker(*args, **kwargs):
+        other = real_ask(*args, **kwargs)  # the other worker's trial, asked a moment earlier
+        other.set_user_attr("host", socket.gethostname())
+        other.set_user_attr("pid", os.getpid())  # alive
+        other.set_user_attr("heartbeat", time.time())
+        return real_ask(*args, **kwargs)
+
+    study.ask = ask_after_another_worker
+    tuner._tune_row("joint")
+    study.ask = real_ask
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["RUNNING", "FAIL"] and trials[1].user_attrs["surplus"] is True
+    assert not (tmp_path / "tuning").exists()  # nothing trained
+    tuner._tune_row("joint")  # the study is full (one live trial): nothing more is asked
+    assert len(study.get_trials()) == 2
