@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Issue 9's fair grids: equal tuning (bench --tune: each row tries its search space, or 4 learning
-# rates for joint and the single-modality rows; picked on validation), equal epochs
+# The fair grids: equal tuning (bench --tune: one Optuna study per row, TRIALS=12 trials over the
+# learning rate and the row's search space, the same sampler and pruner for every row, tuning seed
+# TUNE_SEEDS=100 apart from the reporting seeds 0,1,2; picked on validation), equal epochs
 # (--equal-epochs: multi-stage methods share train.epochs), 3 seeds, every modality alone as the
 # reference. Resumable: rerun to continue (finished cells are reused if their config matches).
 #   GRID=synthetic-fair  the default data: joint, alone x2, OGM-GE, OGM-boost, the four proposals,
@@ -12,12 +13,13 @@
 #                     is off its ceiling: the same rows, the best peers and the 2025 methods
 #   GRID=mfeat-peers  every other method supporting N modalities on the 6 views, tuned
 #   GRID=avdigits-fair AV-Digits: joint, alone x2, OGM-GE, OGM-boost, the four proposals, the 2025
-#                      methods and every other published peer (TUNE_SEEDS=0: settings tried with
-#                      seed 0, the picks run with 3 seeds)
+#                      methods and every other published peer
+# Output: docs/results/<GRID>-optuna (the folders without the suffix hold the grids of the earlier
+# fixed-grid protocol, bench --tune-grid, and stay as they are).
 # METHODS=joint,...: run only these rows (into the same folder); JOBS=2: two runs at a time (bench --jobs; one torch thread each with OMP_NUM_THREADS=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-flags=(--tune --equal-epochs --alone)
+flags=(--tune --trials "${TRIALS:-12}" --tune-seeds "${TUNE_SEEDS:-100}" --equal-epochs --alone)
 # mfeat's encoders are MLPs: the OGM family modulates all their parameters (params=all; the
 # paper's conv-only default selects nothing there)
 OURS="joint,ogm-ge:params=all,ogm-ge:params=all:coefficient=continuous,ogm-ge:params=all:ratio=min"
@@ -40,20 +42,19 @@ case "${GRID:?set GRID}" in
   *) echo "unknown GRID=$GRID" >&2; exit 2 ;;
 esac
 methods="${METHODS:-$methods}"  # METHODS=a,b,...: only these rows of the grid (same folder, cells reused)
-out="docs/results/${GRID}"
+out="docs/results/${GRID}-optuna"
 mkdir -p "$out"
 exec 9>"$out/.lock" && flock 9  # one grid per folder at a time (a second invocation waits, then reuses)
 start=$(date +%s)
 status=0
-# TUNE_SEEDS=0: try the settings with seed 0 only, then run each pick with all three seeds
 equimodal bench --dataset "$dataset" --methods "$methods" --seeds 0,1,2 --out "$out" "${flags[@]}" \
-  ${TUNE_SEEDS:+--tune-seeds "$TUNE_SEEDS"} ${JOBS:+--jobs "$JOBS"} --no-progress "${extra[@]}" || status=$?
+  ${JOBS:+--jobs "$JOBS"} --no-progress "${extra[@]}" || status=$?
 end=$(date +%s)
 {
   echo
   echo "Ran: \`${METHODS:+METHODS=$methods }GRID=$GRID bash benchmarks/fair_grid.sh\` ($(date -u +%Y-%m-%d), $((end - start)) s wall for the runs"
   echo "not reused), on $(nproc --all) CPU cores ($(uname -m)), torch $(python -c 'import torch; print(torch.__version__)'),"
   echo "with other jobs sharing the CPU, so s / epoch is indicative only. Exit status $status."
-  echo "Tuning seeds: ${TUNE_SEEDS:-0,1,2} (the picks then ran with seeds 0,1,2)."
+  echo "Tuning: Optuna, ${TRIALS:-12} trials per row on tuning seed(s) ${TUNE_SEEDS:-100}; the picks then ran with seeds 0,1,2."
 } | tee -a "$out/results.md" >> "$out/tuning.md"
 exit $status

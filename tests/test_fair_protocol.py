@@ -79,7 +79,7 @@ def test_a_multi_stage_method_trains_the_same_epochs_in_all_under_a_shared_budge
 def test_bench_tune_with_tuning_seeds_runs_each_pick_with_every_seed(tmp_path, capsys):
     from equimodal.cli import main
     out = tmp_path / "tuned"
-    args = ["bench", "--dataset", "synthetic", "--methods", "joint,ogm-ge", "--seeds", "0,1", "--tune",
+    args = ["bench", "--dataset", "synthetic", "--methods", "joint,ogm-ge", "--seeds", "0,1", "--tune-grid",
             "--tune-seeds", "0", "--out", str(out), "--no-progress"]
     for o in ["data.n_train=200", "data.n_test=100", "model.width=8", "train.epochs=1", "train.probe=false"]:
         args += ["--set", o]
@@ -93,7 +93,7 @@ def test_bench_tune_with_tuning_seeds_runs_each_pick_with_every_seed(tmp_path, c
     for row, pick in zip(("joint", "ogm-ge"), picks):
         line = next(x for x in table.splitlines() if x.startswith(f"| {row} |"))
         assert f"| 2 | {pick if pick != '(default)' else 'default'} |" in line  # both seeds of the pick
-    assert main(["bench", "--dataset", "synthetic", "--methods", "joint", "--seeds", "0", "--tune",
+    assert main(["bench", "--dataset", "synthetic", "--methods", "joint", "--seeds", "0", "--tune-grid",
                  "--tune-seeds", "5", "--out", str(out)]) == 2
     assert "--tune-seeds [5] must be among --seeds [0]" in capsys.readouterr().err
 

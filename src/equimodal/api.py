@@ -45,16 +45,19 @@ def bench(data: Any, methods: Sequence[str] = ("joint", "ogm-ge"), seeds: Sequen
           out: str | Path = "bench_out", *, model: Callable[..., Any] | str | None = None,
           overrides: Sequence[str] = (), alone: bool = False, baseline: str = "joint", name: str | None = None,
           data_options: dict[str, Any] | None = None, plots: bool = True, progress: bool = False,
-          echo: Callable[[str], None] = print, tune: bool = False, tune_seeds: Sequence[int] | None = None,
-          equal_epochs: bool = False, jobs: int = 1) -> BenchResult:
+          echo: Callable[[str], None] = print, tune: bool | str = False, tune_seeds: Sequence[int] | None = None,
+          equal_epochs: bool = False, jobs: int = 1, trials: int = 12, lr_range: tuple[float, float] | None = None,
+          pruner: str = "halving", storage: str | None = None, tune_only: bool = False) -> BenchResult:
     """Train every method (``"ogm-boost:mode=both"`` for options) x seed on ``data`` with the same
     budget and write ``out/results.csv``, ``out/results.md`` (fused and per-modality accuracy,
     linear probes, difference to ``baseline`` with a paired 95% interval) and plots; as
     ``equimodal bench``. ``alone`` adds each modality trained alone; ``overrides`` are
     ``"section.key=value"`` strings applied to every run (``"train.epochs=5"``). ``tune``,
-    ``tune_seeds``, ``equal_epochs`` and ``jobs`` as the command's ``--tune``, ``--tune-seeds``,
-    ``--equal-epochs`` and ``--jobs`` (a dataset given as Python objects needs ``jobs=1``: the
-    other processes cannot see it)."""
+    ``tune_seeds``, ``equal_epochs``, ``jobs``, ``trials``, ``lr_range``, ``pruner``, ``storage`` and
+    ``tune_only`` as the command's ``--tune``, ``--tune-seeds``, ``--equal-epochs``, ``--jobs``,
+    ``--trials``, ``--lr-range``, ``--pruner``, ``--storage`` and ``--tune-only`` (``tune="grid"``:
+    ``--tune-grid``; a dataset given as Python objects needs ``jobs=1``: the other processes cannot
+    see it)."""
     from .analysis.bench import bench_grid, summarise
     from .analysis.plots import all_plots
     from .config import load_config
@@ -66,8 +69,14 @@ def bench(data: Any, methods: Sequence[str] = ("joint", "ogm-ge"), seeds: Sequen
     if alone:
         cfg = load_config(overrides=[f"data.name={dataset}", *sets])["data"]
         specs += [f"alone:{m}" for m in dataset_modalities(dataset, cfg)]
+    tuning = None
+    if tune and tune != "grid":
+        from .analysis.tuning import TuningOptions
+        tuning = TuningOptions(trials=trials, seeds=tuple(tune_seeds or (100,)), lr_range=lr_range, pruner=pruner,
+                               storage=storage)
     results = bench_grid(dataset, specs, list(seeds), out, sets, tune=tune, baseline=baseline, echo=echo,
-                         tune_seeds=list(tune_seeds) if tune_seeds else None, progress=progress, jobs=jobs)
+                         tune_seeds=list(tune_seeds) if tune_seeds else None, progress=progress, jobs=jobs,
+                         tuning=tuning, tune_only=tune_only)
     out = Path(out)
     table = ""
     if results:

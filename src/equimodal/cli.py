@@ -178,13 +178,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tune_seeds = [int(s) for s in args.tune_seeds.split(",") if s.strip()] if args.tune_seeds else None
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+        tuning = _tuning_options(args, tune_seeds) if args.tune else None
+        if args.plan and args.tune:
+            from .analysis.bench import plan_tuned
+            commands, note = plan_tuned(args.dataset, methods, seeds, out, overrides, tuning, jobs=args.jobs)
+            import shlex
+            for command in commands:
+                print(shlex.join(command))
+            print(note, file=sys.stderr)
+            return 0
         if args.plan:
-            grid = grid_specs(methods, cfg["optim"]["lr"], args.tune)[1]
-            return _print_plan(args, grid, (tune_seeds or seeds) if args.tune else seeds, overrides)
-        results = bench_grid(args.dataset, methods, seeds, out, overrides, tune=args.tune, tune_seeds=tune_seeds,
+            grid = grid_specs(methods, cfg["optim"]["lr"], args.tune_grid)[1]
+            return _print_plan(args, grid, (tune_seeds or seeds) if args.tune_grid else seeds, overrides)
+        results = bench_grid(args.dataset, methods, seeds, out, overrides,
+                             tune=True if args.tune else ("grid" if args.tune_grid else False),
+                             tune_seeds=tune_seeds, tuning=tuning, tune_only=args.tune_only,
                              baseline=args.baseline, progress=not args.no_progress, jobs=args.jobs,
                              collect_only=args.collect,
                              devices=[d for d in (args.devices or "").split(",") if d] or None)
+        if args.tune_only:
+            return 0
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -208,6 +221,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tuning_options(args: argparse.Namespace, tune_seeds: list[int] | None):
+    """``bench --tune``'s options as ``TuningOptions`` (``--tune-seeds`` default 100)."""
+    from .analysis.tuning import TuningOptions
+
+    if args.tune_grid:
+        raise ConfigError("--tune and --tune-grid are two protocols; pass one")
+    lr_range = None
+    if args.lr_range:
+        try:
+            lr_range = tuple(float(x) for x in args.lr_range.split(","))
+        except ValueError:
+            lr_range = ()
+        if len(lr_range) != 2:
+            raise ConfigError(f"--lr-range must be LOW,HIGH (two numbers), got {args.lr_range!r}")
+    return TuningOptions(trials=args.trials, seeds=tuple(tune_seeds or (100,)), lr_range=lr_range,
+                         pruner=args.pruner, storage=args.storage)
+
+
 def _print_plan(args: argparse.Namespace, grid: list[str], seeds: list[int], overrides: list[str]) -> int:
     """One self-contained command per unfinished cell (for a job array); ``--collect`` then builds
     the tables from the run folders."""
@@ -224,7 +255,7 @@ def _print_plan(args: argparse.Namespace, grid: list[str], seeds: list[int], ove
         print(shlex.join(cell_command(run)))
     print(f"# {len(pending)} of {len(runs)} cell(s) to run; then: equimodal bench ... --collect (same options)",
           file=sys.stderr)
-    if args.tune and args.tune_seeds:
+    if args.tune_grid and args.tune_seeds:
         print("# --tune-seeds: these are the tuning cells; after --collect, --plan again lists the picks' other seeds",
               file=sys.stderr)
     return 0
@@ -314,10 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alone", action="store_true", help="also train each modality alone (joint on one modality)")
     p.add_argument("--baseline", default="joint", help="the row the paired differences are taken against")
     p.add_argument("--tune", action="store_true",
-                   help="try each row's search space (or 4 learning rates), pick on validation, report the pick")
+                   help="one Optuna study per row over the learning rate and the method's search space (same "
+                        "trials, sampler and pruner for every row, tuning seeds apart), then each row's pick "
+                        "with --seeds")
+    p.add_argument("--trials", type=int, default=12, help="with --tune: finished trials per row (default 12)")
     p.add_argument("--tune-seeds", metavar="SEEDS",
-                   help="with --tune: try the settings with these seeds only, then run each pick with every "
-                        "seed (default: all of --seeds)")
+                   help="with --tune: the tuning seeds, never among --seeds (default 100); with --tune-grid: "
+                        "try the settings with these of --seeds only, then run each pick with every seed")
+    p.add_argument("--lr-range", metavar="LOW,HIGH",
+                   help="with --tune: the learning rates searched (log scale; default optim.lr/30 to optim.lr*100)")
+    p.add_argument("--pruner", choices=("halving", "hyperband", "none"), default="halving",
+                   help="with --tune: stop unpromising trials on their per-epoch validation accuracy "
+                        "(successive halving, default; Hyperband; or none)")
+    p.add_argument("--storage", metavar="URL",
+                   help="with --tune: the Optuna storage the studies live in (default sqlite:///OUT/tuning.db; "
+                        "any RDB URL, e.g. postgresql://..., or journal:PATH for Optuna's journal file)")
+    p.add_argument("--tune-only", action="store_true",
+                   help="with --tune: run trials until the studies are full, then exit (a worker)")
+    p.add_argument("--tune-grid", action="store_true",
+                   help="the fixed-grid protocol of the grids committed before --tune used Optuna: each row's "
+                        "search_space values (or 4 learning rates), tuning seeds among --seeds")
     p.add_argument("--jobs", type=int, default=1, help="run this many grid cells at once (processes)")
     p.add_argument("--devices", help="with --jobs: comma-separated GPU ids, one per cell in turn (e.g. 0,1)")
     p.add_argument("--plan", action="store_true",

@@ -70,7 +70,13 @@ def tuning_settings(spec: str, base_lr: float) -> list[str]:
         if "optim.lr" in given:
             return [spec]
         return [spec] + [f"{spec}:optim.lr={base_lr * f:g}" for f in LR_FACTORS[1:]]
-    combos = list(itertools.product(*space.values()))
+    from ..methods._space import Choice, dimension
+    dims = {k: dimension(v) for k, v in space.items()}
+    ranged = [k for k, d in dims.items() if not isinstance(d, Choice)]
+    if ranged:
+        raise ConfigError(f"{spec}: search_space declares ranges ({', '.join(ranged)}); the fixed grid (--tune-grid) "
+                          "needs value lists: use --tune")
+    combos = list(itertools.product(*(d.values for d in dims.values())))
     return [spec] + [spec + "".join(f":{k}={v}" for k, v in zip(space, c)) for c in combos[1:]]
 
 
@@ -275,14 +281,22 @@ def grid_specs(methods: list[str], lr: float, tune: bool) -> tuple[dict[str, lis
 
 
 def bench_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Path, overrides: list[str],
-               tune: bool = False, tune_seeds: list[int] | None = None, baseline: str = "joint",
-               echo: Callable[[str], None] = print, **grid_opts: Any) -> GridResults:
-    """The whole ``bench``: every row (``methods``) x seed, and with ``tune`` every row's settings
-    (``tuning_settings``) on ``tune_seeds`` (default: all), the pick per row on validation
-    (``pick_tuned``, ``tuning.md``), then the picks on every seed. Returns the rows' results (the
-    picks, labelled with their row and ``tuned``), with every phase's ``failures`` and ``missing``.
-    ``grid_opts`` go to ``run_grid`` (``jobs``, ``devices``, ``collect_only``, ``progress``)."""
+               tune: bool | str = False, tune_seeds: list[int] | None = None, baseline: str = "joint",
+               echo: Callable[[str], None] = print, tuning: Any = None, tune_only: bool = False,
+               **grid_opts: Any) -> GridResults:
+    """The whole ``bench``: every row (``methods``) x seed. ``tune=True``: one Optuna study per row
+    first (``equimodal.analysis.tuning``; ``tuning`` a ``TuningOptions``, ``tune_seeds`` its seeds
+    when not given there), then each row's pick on every seed; ``tune_only``: the studies only.
+    ``tune="grid"``: the fixed-grid protocol of the grids committed before it (every row's
+    ``tuning_settings`` on ``tune_seeds``, default all, picked by ``pick_tuned``). Returns the rows'
+    results (the picks, labelled with their row and ``tuned``), with every phase's ``failures``
+    and ``missing``. ``grid_opts`` go to ``run_grid`` (``jobs``, ``devices``, ``collect_only``,
+    ``progress``)."""
     from ..config import load_config
+
+    if tune and tune != "grid":
+        return bench_tuned(dataset, methods, seeds, out, overrides, tuning, tune_seeds, echo, tune_only, **grid_opts)
+    tune = bool(tune)
 
     lr = load_config(overrides=[f"data.name={dataset}", *overrides])["optim"]["lr"]
     settings, grid = grid_specs(methods, lr, tune)
@@ -311,6 +325,90 @@ def bench_grid(dataset: str, methods: list[str], seeds: list[int], out: str | Pa
     return results
 
 
+def bench_tuned(dataset: str, rows: list[str], seeds: list[int], out: str | Path, overrides: list[str],
+                tuning: Any = None, tune_seeds: list[int] | None = None, echo: Callable[[str], None] = print,
+                tune_only: bool = False, **grid_opts: Any) -> GridResults:
+    """``bench --tune``: every row's study (``Tuner``; ``jobs`` local workers), ``tuning.md``, then
+    each finished row's pick with the reporting ``seeds`` (ordinary grid cells, labelled with the
+    row, ``tuned`` = the pick and ``tuning`` = the study's counts and compute)."""
+    from .tuning import Tuner, TuningOptions, header_line, tuning_table
+
+    from .._dist import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise ConfigError("bench --tune runs its trials in separate processes (--jobs, or --plan's worker commands), "
+                          "not under torchrun")
+    options = tuning or TuningOptions(seeds=tuple(tune_seeds or (100,)))
+    shared = sorted(set(options.seeds) & set(seeds))
+    if shared:
+        raise ConfigError(f"tuning seed(s) {shared} are also reporting seeds (--seeds {list(seeds)}): a setting "
+                          "picked on a seed must not be reported on it; use other --tune-seeds (default 100)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tuner = Tuner(dataset, rows, out, overrides, options, echo=echo)
+    jobs, collect_only = int(grid_opts.get("jobs", 1)), bool(grid_opts.get("collect_only"))
+    if not collect_only:
+        if jobs > 1 and not tune_only:
+            tuner.run_workers(jobs, seeds, rows, grid_opts.get("devices"))
+        else:
+            tuner.tune(wait=not tune_only)
+    if tune_only:
+        echo(f"tuning: {sum(tuner.finished(r) for r in rows)} of {len(rows) * options.trials} trial(s) finished "
+             f"in {tuner.url}")
+        done = GridResults()
+        done.failures, done.missing = [], []
+        return done
+    picks = tuner.results()
+    if is_main_process():
+        (out / "tuning.md").write_text(tuning_table(picks, options, seeds, tuner.url) + "\n")
+        echo(f"wrote {out / 'tuning.md'} (each row's study: trials, pruned, compute, pick)")
+    ready = [p for p in picks if p.params is not None and p.trials >= options.trials]
+    by_spec = {p.spec: p for p in ready}
+    results = run_grid(dataset, list(by_spec), seeds, out, overrides, echo=echo, **grid_opts)
+    header = header_line(options, seeds)
+    final = GridResults(
+        {**r, "label": by_spec[r["label"]].row,
+         "tuned": by_spec[r["label"]].setting() + (" ‡" if by_spec[r["label"]].lr_edge else ""),
+         "tuned_spec": r["label"],
+         "tuning": {"trials": by_spec[r["label"]].trials, "pruned": by_spec[r["label"]].pruned,
+                    "epochs": by_spec[r["label"]].epochs, "passes": by_spec[r["label"]].passes,
+                    "lr_edge": by_spec[r["label"]].lr_edge, "header": header}}
+        for r in results)
+    final.failures = list(results.failures)
+    final.missing = list(results.missing) + [
+        BenchRun(f"{p.row} (tuning: {p.trials} of {options.trials} trials finished)", options.seeds[0], [],
+                 tuner.trial_folder(p.row, 0).parent) for p in picks if p not in ready]
+    return final
+
+
+def plan_tuned(dataset: str, rows: list[str], seeds: list[int], out: str | Path, overrides: list[str],
+               tuning: Any, jobs: int = 1) -> tuple[list[list[str]], str]:
+    """``bench --tune --plan``: while the studies are unfinished, ``jobs`` copies of the worker
+    command (every copy shares the storage; run them anywhere that reaches it); once they are
+    finished, one command per unfinished reporting cell of the picks. Returns (commands, note)."""
+    from .tuning import Tuner
+
+    shared = sorted(set(tuning.seeds) & set(seeds))
+    if shared:
+        raise ConfigError(f"tuning seed(s) {shared} are also reporting seeds (--seeds {list(seeds)}); "
+                          "use other --tune-seeds (default 100)")
+    tuner = Tuner(dataset, rows, out, overrides, tuning, echo=lambda s: None)
+    if not tuner.done():
+        done = sum(min(tuner.finished(r), tuning.trials) for r in rows)
+        return ([tuner.worker_command(seeds, rows)] * max(1, jobs),
+                f"# tuning: {done} of {len(rows) * tuning.trials} trial(s) finished in {tuner.url}; run these "
+                "worker commands (any number, on any machine that reaches the storage), then --plan again "
+                "for the reporting cells, or run the same bench command without --plan")
+    specs = [p.spec for p in tuner.results() if p.params is not None]
+    runs = plan_grid(dataset, specs, seeds, Path(out), [*overrides, "train.progress=false"])
+    for run in runs:
+        check_reusable(run, load_config(overrides=run.overrides))
+    pending = [run for run in runs if not (run.folder / "summary.json").is_file()]
+    return ([cell_command(run) for run in pending],
+            f"# tuning finished; {len(pending)} of {len(runs)} reporting cell(s) to run; then: equimodal bench ... "
+            "--collect (same options)")
+
+
 def encoder_passes(summary: dict[str, Any]) -> float | None:
     """Counted training cost of a run: encoder passes (forward with or without autograd = 1,
     backward = 2, the usual FLOP ratio) summed over the run; None for runs recorded before counting."""
@@ -329,7 +427,8 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     fields = ["label", "method", "seed", "tuned", "val_acc", "test_acc", "last_epoch_test_acc", "test_macro_f1",
               "epochs", "seconds", "seconds_per_epoch",
               *(f"acc_{m}" for m in modalities), *(f"probe_{m}" for m in modalities), "selection", "estimator",
-              "optimizer_steps", "forward_per_step", "forward_no_grad_per_step", "backward_per_step"]
+              "optimizer_steps", "forward_per_step", "forward_no_grad_per_step", "backward_per_step",
+              "tuning_trials", "tuning_pruned", "tuning_epochs", "tuning_passes"]
     with open(out / f"{stem}.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
@@ -343,7 +442,9 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
                              **{f"acc_{m}": r["test_acc_by_modality"].get(m, "") for m in modalities},
                              **{f"probe_{m}": r["probe_acc_by_modality"].get(m, "") for m in modalities},
                              **{k: (r.get("cost") or {}).get(k, "") for k in
-                                ("optimizer_steps", "forward_per_step", "forward_no_grad_per_step", "backward_per_step")}})
+                                ("optimizer_steps", "forward_per_step", "forward_no_grad_per_step", "backward_per_step")},
+                             **{f"tuning_{k}": (r.get("tuning") or {}).get(k, "") for k in
+                                ("trials", "pruned", "epochs", "passes")}})
     labels = list(dict.fromkeys(r["label"] for r in results))
     by_label = {lab: [r for r in results if r["label"] == lab] for lab in labels}
     base = {r["seed"]: r["test_acc"] for r in by_label.get(baseline, [])}
@@ -352,7 +453,10 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     best_alone = max(alone, key=lambda lab: mean_std([r["val_acc"] for r in by_label[lab]])[0]) if alone else None
     tuned = any("tuned" in r for r in results)
     best_val = any(r.get("selection") == "best_val" for r in results)
-    header = (["method", "seeds"] + (["tuned setting"] if tuned else []) + ["fused acc (%)"]
+    tuning = any("tuning" in r for r in results)  # bench --tune (Optuna): each row's study
+    header = (["method", "seeds"] + (["tuned setting"] if tuned else [])
+              + (["tuning trials (pruned)", "tuning epochs", f"tuning passes × {baseline}'s"] if tuning else [])
+              + ["fused acc (%)"]
               + (["last-epoch acc (%)"] if best_val else []) + ["macro-F1 (%)"] + [f"acc {m} (%)" for m in modalities]
               + [f"probe {m} (%)" for m in modalities] + ["epochs", f"cost × {baseline}", "s / epoch",
                                                          f"Δ acc vs {baseline} (95% CI, paired)"]
@@ -364,6 +468,10 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
         cells = [lab, str(len(rs))]
         if tuned:
             cells.append(rs[0].get("tuned", "-"))
+        if tuning:
+            tu, bt = rs[0].get("tuning") or {}, (by_label.get(baseline, [{}])[0].get("tuning") or {})
+            cells += [f"{tu['trials']} ({tu['pruned']})" if tu else "-", str(tu.get("epochs", "-")),
+                      f"{tu['passes'] / bt['passes']:.2f}" if tu and bt.get("passes") else "-"]
         cells.append(fmt_pct(*mean_std([r["test_acc"] for r in rs])))
         if best_val:
             cells.append(fmt_pct(*mean_std([r.get("last_epoch_test_acc", float("nan")) for r in rs])))
@@ -393,14 +501,21 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     if unequal:
         note += (f" †: not at equal compute — the row used more than 1.1 × the training passes of {baseline}, "
                  f"so its Δ mixes the method with the extra budget.")
-    if tuned:
+    if tuning:
+        note += (" Tuned: each row's setting was picked on validation accuracy by an Optuna study of the "
+                 "learning rate and the method's own search space, the same trials, sampler and pruner for every "
+                 "row (tuning.md); tuning epochs / passes: what its trials trained (pruned trials stopped early), "
+                 f"passes relative to {baseline}'s study. ‡: the picked learning rate is in the outer tenth of the "
+                 "searched range (log scale).")
+    elif tuned:
         note += (" Tuned: each row is the setting picked on validation accuracy among its search space "
                  "(tuning.md lists every setting); every row had the same number of trials.")
     if best_alone:
         note += (f" Best alone: the single-modality model with the highest mean validation accuracy ({best_alone}); "
                  "a method that does not beat it has not earned its second modality.")
-    (out / f"{stem}.md").write_text(f"{table}\n\n{note}\n")
-    return table
+    top = next((r["tuning"]["header"] for r in results if "tuning" in r), None)
+    (out / f"{stem}.md").write_text((f"{top}\n\n" if top else "") + f"{table}\n\n{note}\n")
+    return f"{top}\n\n{table}" if top else table
 
 
 def _paired_cell(rows: list[dict[str, Any]], reference: dict[int, float]) -> str:

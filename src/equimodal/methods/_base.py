@@ -118,9 +118,10 @@ class Method:
     #: fraction of the training split the trainer withholds for this method's own estimates
     #: (given to ``attach_data`` as ``MethodData.holdout``); 0 for most methods
     holdout_fraction: float = 0.0
-    #: the settings ``bench --tune`` tries for this method's main hyper-parameters: option name ->
-    #: values, at most 4 combinations in all (the first value of each should be the default);
-    #: empty: the method is tuned over the learning rate like the baseline (``LR_FACTORS``)
+    #: what ``bench --tune`` searches (with the learning rate) for this method's main options:
+    #: option name -> a tuple of values (a choice; first the default, at most 4 combinations for
+    #: ``--tune-grid``) or a ``Choice``/``FloatRange``/``IntRange`` (``methods/_space.py``);
+    #: empty: the learning rate alone, like the baseline
     search_space: dict[str, tuple] = {}
     #: what the method's evaluation predicts with (``predict`` of its last stage's runner), shown in
     #: every results table so rows are compared knowingly: ``"fused"`` (the model's fusion head, as

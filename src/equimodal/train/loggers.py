@@ -219,9 +219,17 @@ class RunLoggers:
     A missing optional package is a ``ConfigError`` here, before any training."""
 
     def __init__(self, names: list[str] | tuple[str, ...], enabled: bool = True) -> None:
+        self.enabled = enabled
         self.loggers = [_CLASSES[n]() for n in names] if enabled else []
         self.wants_steps = any(lg.wants_steps for lg in self.loggers)
         self._pending: list[tuple[int, int, str, dict[str, Any]]] = []
+
+    def add(self, logger: Any) -> None:
+        """One more logger of one's own (an object with ``_Logger``'s methods; e.g. the tuner's
+        per-epoch reporter, which may stop the run by raising from ``epoch``)."""
+        if self.enabled:
+            self.loggers.append(logger)
+            self.wants_steps = self.wants_steps or bool(getattr(logger, "wants_steps", False))
 
     def open(self, out_dir: Path, cfg: dict, history: list[dict], step: int, resumed: bool) -> None:
         self._pending = []
