@@ -1,5 +1,6 @@
 """The tables of docs/findings.md, computed from the committed grids' results.csv (never typed by
-hand): for each setting and each method, the paired difference to joint in fused test accuracy
+hand): for each setting and each method, what it predicts with, the paired difference to joint (and to
+joint-aux, where the grid has it) in fused test accuracy
 with its 95% interval, the verdict (helps / hurts / not shown), the difference to the best single
 modality (picked on validation), the counted cost and the tuned pick; and, for the encoder that
 joint training under-trains most, the same for its linear probe.
@@ -14,6 +15,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from equimodal.analysis.bench import predictor
 from equimodal.methods import available_methods
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,15 +91,22 @@ def table(folder: Path, extra_rows: list[str]) -> list[str]:
            + (f"; most under-trained encoder in joint: **{weak}** (probe {100 * statistics.mean(probe['joint'][weak].values()):.1f}"
               f" jointly vs {100 * statistics.mean(probe[f'alone:{weak}'][weak].values()):.1f} alone)" if weak else "") + ".",
            "",
-           "| method | pick | fused acc (%) | Δ vs joint | verdict | Δ vs best alone | "
+           "| method | predicts | pick | fused acc (%) | Δ vs joint | verdict | Δ vs joint-aux | Δ vs best alone | "
            + (f"Δ probe {weak} vs joint | " if weak else "") + "cost × joint |",
-           "| --- | --- | --- | --- | --- | --- | " + ("--- | " if weak else "") + "--- |"]
+           "| --- | --- | --- | --- | --- | --- | --- | --- | " + ("--- | " if weak else "") + "--- |"]
+    if "joint-aux" not in acc:
+        out.insert(1, "(joint-aux, joint plus one loss per modality, has not run in this grid: its column is empty.)")
     labels = [lab for lab in rows if lab in ROWS or lab in extra_rows]
     for lab in labels:
         d, h, n = paired(acc[lab], acc["joint"])
-        cells = [ROWS.get(lab, lab), tuned.get(lab) or "-",
+        cells = [ROWS.get(lab, lab), predictor(rows[lab][0]), tuned.get(lab) or "-",
                  f"{100 * statistics.mean(acc[lab].values()):.1f} ± {100 * statistics.stdev(acc[lab].values()):.1f}",
                  cell(d, h), verdict(d, h)]
+        if "joint-aux" in acc and lab != "joint-aux":
+            dx, hx, _ = paired(acc[lab], acc["joint-aux"])
+            cells.append(f"{cell(dx, hx)} ({verdict(dx, hx).strip('*')})")
+        else:
+            cells.append("-")
         if best_alone:
             da, ha, _ = paired(acc[lab], acc[best_alone])
             cells.append(f"{cell(da, ha)} ({verdict(da, ha).strip('*')})")

@@ -419,12 +419,23 @@ def encoder_passes(summary: dict[str, Any]) -> float | None:
     return per_step * cost["optimizer_steps"]
 
 
+def predictor(run: dict[str, Any]) -> str:
+    """What a run's fused accuracy scores (``Method.predicts``): from its summary, or, for runs
+    written before summaries recorded it, from the method's declaration (a single modality alone
+    is scored with its own model's head: "fused")."""
+    if run.get("predicts"):
+        return str(run["predicts"])
+    from ..methods import available_methods, method_class
+    name = run.get("method", "")
+    return method_class(name).predicts if name in available_methods() else "fused"
+
+
 def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "joint", stem: str = "results") -> str:
     """Write ``<stem>.csv`` and ``<stem>.md``; return the markdown table."""
     out = Path(out)
     modalities = sorted({m for r in results for m in r["test_acc_by_modality"]},
                         key=lambda m: [m for r in results for m in r["modalities"]].index(m))
-    fields = ["label", "method", "seed", "tuned", "val_acc", "test_acc", "last_epoch_test_acc", "test_macro_f1",
+    fields = ["label", "method", "predicts", "seed", "tuned", "val_acc", "test_acc", "last_epoch_test_acc", "test_macro_f1",
               "epochs", "seconds", "seconds_per_epoch",
               *(f"acc_{m}" for m in modalities), *(f"probe_{m}" for m in modalities), "selection", "estimator",
               "optimizer_steps", "forward_per_step", "forward_no_grad_per_step", "backward_per_step",
@@ -433,7 +444,8 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for r in results:
-            writer.writerow({"label": r["label"], "method": r["method"], "seed": r["seed"], "tuned": r.get("tuned", ""),
+            writer.writerow({"label": r["label"], "method": r["method"], "predicts": predictor(r),
+                             "seed": r["seed"], "tuned": r.get("tuned", ""),
                              "val_acc": r.get("val_acc", ""), "test_acc": r["test_acc"],
                              "last_epoch_test_acc": r.get("last_epoch_test_acc", ""),
                              "test_macro_f1": r["test_macro_f1"], "epochs": r["epochs"], "seconds": r["seconds"],
@@ -454,7 +466,7 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     tuned = any("tuned" in r for r in results)
     best_val = any(r.get("selection") == "best_val" for r in results)
     tuning = any("tuning" in r for r in results)  # bench --tune (Optuna): each row's study
-    header = (["method", "seeds"] + (["tuned setting"] if tuned else [])
+    header = (["method", "predicts", "seeds"] + (["tuned setting"] if tuned else [])
               + (["tuning trials (pruned)", "tuning epochs", f"tuning passes × {baseline}'s"] if tuning else [])
               + ["fused acc (%)"]
               + (["last-epoch acc (%)"] if best_val else []) + ["macro-F1 (%)"] + [f"acc {m} (%)" for m in modalities]
@@ -465,7 +477,7 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     base_known = [x for x in (encoder_passes(r) for r in by_label.get(baseline, [])) if x]
     unequal = False
     for lab, rs in by_label.items():
-        cells = [lab, str(len(rs))]
+        cells = [lab, predictor(rs[0]), str(len(rs))]
         if tuned:
             cells.append(rs[0].get("tuned", "-"))
         if tuning:
@@ -495,7 +507,9 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     table = "\n".join(lines)
     note = ("Mean ± standard deviation over seeds; test split evaluated once per run, on the epoch named in "
             "results.csv `selection` (never chosen on test). Probe = linear probe of the frozen encoder. "
-            "Per-modality accuracy uses each run's estimator (results.csv `estimator`). Epochs: all stages. "
+            "Per-modality accuracy uses each run's estimator (results.csv `estimator`). Predicts: what a row's "
+            "test accuracy scores, the model's fused head (as joint), the method's own per-modality heads "
+            "combined, or both mixed (declared by each method, `Method.predicts`). Epochs: all stages. "
             f"Cost × {baseline}: counted encoder passes of the whole run (forward 1, backward 2, the method's "
             f"own no-grad passes included) relative to {baseline}; '-' where a run predates the counting.")
     if unequal:

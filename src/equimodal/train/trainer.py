@@ -680,7 +680,8 @@ class Trainer:
         else:
             probes = linear_probes_by_split(self.model, self.splits, self.device) if t["probe"] else {"test": {}, "val": {}}
         summary = {
-            "method": self.cfg["method"]["name"], "dataset": self.cfg["data"]["name"], "seed": t["seed"],
+            "method": self.cfg["method"]["name"], "predicts": self.method.predicts,
+            "dataset": self.cfg["data"]["name"], "seed": t["seed"],
             "epochs": self.total_epochs, "fusion": self.cfg["model"]["fusion"], "estimator": getattr(self.model, "estimator", "custom"),
             "modalities": list(self.model.modalities),
             "selection": t["select"], "selected_epoch": selected,
