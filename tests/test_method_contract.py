@@ -194,3 +194,70 @@ def test_every_method_every_schedule_and_optimizer_with_a_last_batch_of_one(tmp_
     summary = trainer.fit()
     assert summary["test_acc"] == pytest.approx(recomputed_test_acc(trainer), abs=1e-12)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+#: every public member of the contract, so a hook the trainer starts calling is recorded too
+CONTRACT = sorted(n for n, v in vars(Method).items() if callable(v) and not n.startswith("_"))
+
+
+class FullRecorder(Method):
+    """Stands in for a method from the moment the trainer builds it and records every call of a
+    contract member (attributes pass through to the wrapped method)."""
+
+    def __init__(self, inner, calls):
+        object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "calls", calls)
+
+    def __getattribute__(self, item):
+        if item in ("inner", "calls", "__class__", "__dict__"):
+            return object.__getattribute__(self, item)
+        inner = object.__getattribute__(self, "inner")
+        if item in CONTRACT:
+            target, calls = getattr(inner, item), object.__getattribute__(self, "calls")
+
+            def wrapped(*a, **k):
+                calls.append(item)
+                return target(*a, **k)
+            return wrapped
+        return getattr(inner, item)
+
+    def __setattr__(self, key, value):
+        setattr(object.__getattribute__(self, "inner"), key, value)
+
+
+def documented_order(stage_epochs, train_batches, val_batches, test_batches):
+    """The calls the documented loop makes (``_base.py``'s docstring, plus the trainer's reports),
+    written out as explicit loops."""
+    multi = len(stage_epochs) > 1
+    seq = ["stages"] + ["plan_epochs"] * len(stage_epochs)
+    for epochs in stage_epochs:
+        seq += ["on_stage_start", "attach_data", "setup", "substeps"]
+        for epoch in range(epochs):
+            seq += ["on_epoch_start", "training_set", "substeps"]
+            for _ in range(train_batches):
+                seq += ["forward", "loss", "before_step", "after_step", "step_log"]
+            seq += ["predict", "unimodal_logits"] * val_batches + ["log", "on_epoch_end"]
+            if multi and epoch == epochs - 1:  # the end-of-stage report, on test
+                seq += ["predict", "unimodal_logits"] * test_batches + ["log_stage"]
+            seq += ["state_dict"]  # the checkpoint
+    return seq + ["predict", "unimodal_logits"] * test_batches  # the reported test accuracy
+
+
+@pytest.mark.parametrize("name", ["ogm-ge", "distill"])
+def test_every_hook_the_trainer_calls_in_order(tmp_path, monkeypatch, name):
+    import equimodal.train.trainer as trainer_module
+    calls: list[str] = []
+    build = trainer_module.build_method
+    monkeypatch.setattr(trainer_module, "build_method", lambda **kw: FullRecorder(build(**kw), calls))
+    cfg = load_config(overrides=["data.n_train=120", "data.n_test=40", "model.width=8", "model.feature_dim=16",
+                                 "train.batch_size=50", "train.progress=false", "train.device=cpu",
+                                 "train.probe=false", f"method.name={name}", "train.stage_budget=shared",
+                                 "train.epochs=3"])
+    trainer = Trainer(cfg, out_dir=tmp_path, echo=lambda s: None)
+    trainer.fit()
+    stage_epochs = [e for _, _, e in trainer.plan]
+    assert (len(stage_epochs) > 1) == (name == "distill")
+    per = -(-len(trainer.splits.train) // 50)
+    val, test = -(-len(trainer.splits.val) // 256), -(-len(trainer.splits.test) // 256)
+    assert calls == documented_order(stage_epochs, per, val, test)
+    assert set(calls) <= set(CONTRACT)

@@ -513,6 +513,8 @@ class Trainer:
                 loss = sum(terms.values())
                 group = 1 if substeps > 1 else min(accumulate, n_batches - (i // accumulate) * accumulate)
                 scaled = loss / group  # a final, shorter accumulation group is averaged over its own size
+                if self.world > 1:  # DDP averages rank means: weigh each by its share of an uneven last batch
+                    scaled = scaled * (y.numel() * self.world / min(t["batch_size"], len(train_set) - i * t["batch_size"]))
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 for k, v in {"loss": loss, **terms}.items():
                     sums[k] = sums.get(k, 0) + v.detach()
