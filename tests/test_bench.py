@@ -81,6 +81,9 @@ def test_diagnose_reports_per_modality_gap_ratio_trace_and_verdict_from_validati
     if gap > 0.02:  # a gap above the threshold (one seed: no spread) must be called out
         assert verdict.startswith("IMBALANCED") and "audio" in verdict
     assert "joint (observed)" in text and "mmcosine" in text and "RECOMMENDATION:" in text
+    weights = [float(line.split()[2].rstrip("%")) for line in text.splitlines()
+               if line.startswith(("audio ", "visual ")) and " weight " in line]
+    assert "Decision layer" in text and len(weights) == 2 and sum(weights) == pytest.approx(100, abs=0.2)
     mm = json.loads((out / "runs" / "mmcosine-seed0" / "summary.json").read_text())
     best = "mmcosine" if mm["val_acc"] > joint["val_acc"] else "plain joint training"
     assert text.strip().splitlines()[-1].startswith(f"RECOMMENDATION: {best}")

@@ -108,6 +108,14 @@ def diagnose(dataset: str, out: str | Path, seeds: list[int] = (0, 1, 2), overri
                    f"(mean rho {mods[dominant]['mean_rho']:.2f})." + caveat)
     report["verdict"] = verdict
     lines += ["", verdict]
+    shares = _decision_layer(joint)
+    if shares:
+        for m in modalities:
+            mods[m].update(shares[m])
+        lines += ["", "Decision layer of the joint model (validation, mean over seeds): each modality's share of the "
+                  "fused head's sensitivity to its features (weight) and of its logit scale:",
+                  *(f"{m:<12} weight {100 * shares[m]['weight_share']:5.1f}%   logits {100 * shares[m]['logit_share']:5.1f}%"
+                    for m in modalities)]
     if compare:
         report["comparison"], advice = _compare(results, compare, seeds)
         lines += ["", *advice]
@@ -118,6 +126,25 @@ def diagnose(dataset: str, out: str | Path, seeds: list[int] = (0, 1, 2), overri
     (out / "diagnosis.txt").write_text(text + "\n")
     _figure(report, joint, modalities, out / "diagnosis.png")
     return report | {"text": text}
+
+
+def _decision_layer(joint: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """``decision_layer_shares`` of each joint run (rebuilt from its folder, as ``eval`` does), on
+    its validation split, averaged over seeds; empty when a run's model lacks ``fuse``."""
+    from ..train.trainer import Trainer
+    from .decision import decision_layer_shares
+    per_run = []
+    for r in joint:
+        if not r.get("folder"):
+            return {}
+        trainer = Trainer.from_run(r["folder"], echo=lambda s: None)
+        if not hasattr(trainer.model, "fuse") or not len(trainer.splits.val):
+            return {}
+        per_run.append(decision_layer_shares(trainer.model, trainer.splits.val, trainer.device))
+    if not per_run:
+        return {}
+    return {m: {k: float(np.mean([s[m][k] for s in per_run])) for k in ("weight_share", "logit_share")}
+            for m in per_run[0]}
 
 
 def _compare(results: list[dict[str, Any]], methods: list[str], seeds: list[int]) -> tuple[dict[str, Any], list[str]]:
