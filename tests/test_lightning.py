@@ -171,21 +171,45 @@ def test_a_resumed_fit_continues_the_method_state(tmp_path):
 
 
 @pytest.mark.parametrize("name, what", [("distill", "stages"), ("ssl", "stages"), ("umt", "stages"), ("dimml", "stages"),
-                                        ("reconboost", "stages"), ("mla", "optimizer step per modality"),
-                                        ("valuation", "rebuilds the training set")])
+                                        ("reconboost", "stages")])
 def test_methods_the_callback_cannot_drive_are_refused_by_name(name, what):
+    """A multi-stage method given to one callback without a stage: each stage is its own fit."""
     with pytest.raises(UnsupportedMethodError, match=what) as info:
         EquimodalCallback(build_method(name))
     assert repr(name) in str(info.value) and "equimodal.train.Trainer" in str(info.value)
+    assert "fit_stages" in str(info.value)
+
+
+@pytest.mark.parametrize("name, module_kind, what", [
+    ("mla", "automatic", "automatic_optimization = False"),   # several steps per batch need manual optimisation
+    ("ogm-ge", "manual", "needs automatic optimization"),       # one step per batch: automatic
+    ("valuation", "automatic", "MethodData"),                  # resampling needs the data and train_loader
+])
+def test_a_fit_the_method_cannot_run_as_set_up_says_what_to_use(name, module_kind, what):
+    from equimodal.models import MultimodalModel, SmallCNN
+    model = MultimodalModel({m: SmallCNN(width=8, out_dim=16) for m in ("visual", "audio")}, num_classes=10)
+    method = build_method(name)
+    module = Module(model, method, load_config(overrides=SMALL)["optim"])
+    module.automatic_optimization = module_kind == "automatic"
+    data = __import__("equimodal.data", fromlist=["load_dataset"]).load_dataset("synthetic", n_train=60, n_test=20)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[EquimodalCallback(method)])
+    with pytest.raises(UnsupportedMethodError, match=what) as info:
+        trainer.fit(module, seeded_loader(data.train, 20))
+    assert repr(name) in str(info.value) or name == "ogm-ge"
 
 
 DDP_SCRIPT = """
 import sys, torch
 import lightning.pytorch as pl
 from equimodal.data import load_dataset
-from equimodal.integrations.lightning import EquimodalCallback, seeded_loader
-from equimodal.methods import build_method
+from equimodal.integrations.lightning import (EquimodalCallback, fit_stages, seeded_loader, steps_several_times,
+                                              substep_training_step)
+from equimodal.methods import MethodData, build_method
 from equimodal.models import MultimodalModel, SmallCNN
+
+name = sys.argv[2]
+options = {"valuation": {"warmup_epochs": 1}}.get(name, {})
 
 class Module(pl.LightningModule):
     def __init__(self):
@@ -193,11 +217,14 @@ class Module(pl.LightningModule):
         torch.manual_seed(0)
         self.model = MultimodalModel({"visual": SmallCNN(width=8, out_dim=16), "audio": SmallCNN(width=8, out_dim=16)},
                                      num_classes=10)
-        self.method = build_method("ogm-ge")
+        self.method = self.runner = build_method(name, **options)
+        self.automatic_optimization = not steps_several_times(self.method)
 
     def training_step(self, batch, batch_idx):
+        if not self.automatic_optimization:
+            return substep_training_step(self, self.runner, self.model, batch)
         inputs, targets = batch
-        return sum(self.method.loss(self.method.forward(self.model, inputs), targets).values())
+        return sum(self.runner.loss(self.runner.forward(self.model, inputs), targets).values())
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.model.param_groups(), lr=0.1, momentum=0.9)
@@ -205,30 +232,47 @@ class Module(pl.LightningModule):
 data = load_dataset("synthetic", n_train=240, n_test=40)
 module = Module()
 ks = []
-original = module.method.before_step
-def recording(model):
-    original(model)
-    ks.append(module.method.last_coefficients.clone())
-module.method.before_step = recording
-trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     use_distributed_sampler=False, callbacks=[EquimodalCallback(module.method)])
-trainer.fit(module, seeded_loader(data.train, 40))
+if name == "ogm-ge":
+    original = module.method.before_step
+    def recording(model):
+        original(model)
+        ks.append(module.method.last_coefficients.clone())
+    module.method.before_step = recording
+
+def make_trainer(epochs, callback):
+    # a sub-step or a stage that leaves parameters unused needs DDP to look for them (our trainer does too)
+    strategy = "ddp" if name == "ogm-ge" else "ddp_find_unused_parameters_true"
+    return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=2, strategy=strategy, logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      use_distributed_sampler=False, callbacks=[callback])
+
+method_data = MethodData(train=data.train, val=data.val)
+if len(module.method.stages()) > 1:
+    fit_stages(module.method, module, make_trainer, lambda t, m: t.fit(m, seeded_loader(data.train, 40)), epochs=1)
+    rank = torch.distributed.get_rank()
+else:
+    callback = EquimodalCallback(module.method, data=method_data)
+    trainer = make_trainer(2, callback)
+    loader = callback.train_loader(40) if name == "valuation" else seeded_loader(data.train, 40)
+    trainer.fit(module, loader)
+    rank = trainer.global_rank
 torch.save({"params": {n: p.detach() for n, p in module.model.named_parameters()}, "ks": ks},
-           f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+           f"{sys.argv[1]}/rank{rank}.pt")
 """
 
 
-def test_ddp_with_two_cpu_processes_keeps_the_parameters_identical(tmp_path):
+@pytest.mark.parametrize("name", ["ogm-ge", "mla", "distill", "valuation"])  # one of each kind
+def test_ddp_with_two_cpu_processes_keeps_the_parameters_identical(tmp_path, name):
     script = tmp_path / "ddp_worker.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=240, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), name], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert len(a["ks"]) == len(b["ks"]) == 2 * 6  # 216 training samples, global batches of 40
-    assert all(torch.equal(x, y) for x, y in zip(a["ks"], b["ks"]))
+    if name == "ogm-ge":
+        assert len(a["ks"]) == len(b["ks"]) == 2 * 6  # 216 training samples, global batches of 40
+        assert all(torch.equal(x, y) for x, y in zip(a["ks"], b["ks"]))
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
 
 

@@ -466,7 +466,7 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     tuned = any("tuned" in r for r in results)
     best_val = any(r.get("selection") == "best_val" for r in results)
     tuning = any("tuning" in r for r in results)  # bench --tune (Optuna): each row's study
-    header = (["method", "predicts", "seeds"] + (["tuned setting"] if tuned else [])
+    header = (["method", "seeds", "predicts"] + (["tuned setting"] if tuned else [])
               + (["tuning trials (pruned)", "tuning epochs", f"tuning passes × {baseline}'s"] if tuning else [])
               + ["fused acc (%)"]
               + (["last-epoch acc (%)"] if best_val else []) + ["macro-F1 (%)"] + [f"acc {m} (%)" for m in modalities]
@@ -477,7 +477,7 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     base_known = [x for x in (encoder_passes(r) for r in by_label.get(baseline, [])) if x]
     unequal = False
     for lab, rs in by_label.items():
-        cells = [lab, predictor(rs[0]), str(len(rs))]
+        cells = [lab, str(len(rs)), predictor(rs[0])]
         if tuned:
             cells.append(rs[0].get("tuned", "-"))
         if tuning:
