@@ -248,7 +248,8 @@ def make_trainer(epochs, callback):
 
 method_data = MethodData(train=data.train, val=data.val)
 if len(module.method.stages()) > 1:
-    fit_stages(module.method, module, make_trainer, lambda t, m: t.fit(m, seeded_loader(data.train, 40)), epochs=1)
+    fit_stages(module.method, module, make_trainer, lambda t, m: t.fit(m, seeded_loader(data.train, 40)), epochs=1,
+               data=method_data)
     rank = torch.distributed.get_rank()
 else:
     callback = EquimodalCallback(module.method, data=method_data)
