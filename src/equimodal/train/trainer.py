@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from .. import _dist
 from .._progress import show_progress
 from ..config import dump_config
-from ..errors import ConfigError, NonFiniteError, RunFolderError
+from ..errors import ConfigError, DataError, NonFiniteError, RunFolderError
 from ..data import DataSplits, TensorMultimodalDataset, load_dataset
-from ..data.base import iterate_batches, num_batches, stratified_split
+from ..data.base import iterate_batches, merged_samples, num_batches, stratified_split
 from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
 from ..models.factory import build_user_model
@@ -302,6 +302,10 @@ class Trainer:
             self.plan = [(n, m, e) for (n, m, _), e in zip(self.plan, share_budget([e for _, _, e in self.plan],
                                                                                    t["epochs"]))]
         self.holdout = self._carve_holdout(max(m.holdout_fraction for _, m, _ in self.plan))
+        if len(self.splits.train) < 2 * self.world:  # BatchNorm cannot train on one sample per process
+            raise DataError(f"dataset {self.cfg['data']['name']!r}: the training split has {len(self.splits.train)} "
+                            f"sample(s) once validation{' and held-out' if self.holdout is not None else ''} "
+                            f"samples are carved; training needs at least {2 * self.world}")
         self.total_epochs = sum(e for _, _, e in self.plan)
         self.epoch = 0  # global epoch, across stages
         self.history: list[dict[str, Any]] = []
@@ -488,6 +492,9 @@ class Trainer:
         stats = {k: float(v) / max(1, steps) for k, v in sums.items()}
         if skipped:
             stats["skipped_nonfinite_steps"] = skipped
+        merged = merged_samples(len(train_set), t["batch_size"], self.world)
+        if merged:  # a final batch too small for BatchNorm went into the batch before it (batch_bounds)
+            stats["merged_final_batch_samples"] = merged
         if self.scaler is not None:
             stats["fp16_scale"] = float(self.scaler.get_scale())
         return stats
@@ -621,6 +628,9 @@ class Trainer:
             "last_epoch_test_acc": last_test,
             "stages": self.stage_reports,
             "holdout": len(self.holdout) if self.holdout is not None else 0,
+            # epochs whose final training batch was too small for BatchNorm and was merged into the
+            # batch before it (each epoch's count of such samples: train_merged_final_batch_samples)
+            "merged_final_batches": sum(1 for r in self.history if r.get("train_merged_final_batch_samples")),
             "cost": {"epochs": self.total_epochs,
                      "stage_epochs": {name: epochs for name, _, epochs in self.plan},
                      **self.meter.summary(self.optimizer_steps)},

@@ -1,0 +1,70 @@
+"""Bad input everywhere ends in one ``error:`` line (exit 2) before any work, and valid input that
+used to crash runs (issue 21: one schema for the config, a checked dataset, writable outputs)."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY
+from equimodal.cli import main
+from equimodal.config import CHOICES
+from equimodal.data import load_dataset
+from equimodal.data.base import TensorMultimodalDataset, batch_bounds, iterate_batches, merged_samples, num_batches
+
+SETS = [a for kv in TINY for a in ("--set", kv)]
+
+
+def run_cli(capsys, *argv):
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err
+    return lines[0]
+
+
+# --- batches that BatchNorm can take ------------------------------------------------------------
+@pytest.mark.parametrize("n, size, world, expected, merged", [
+    (108, 107, 1, [(0, 108)], 1),                 # 107 + 1: the one merged
+    (109, 107, 1, [(0, 107), (107, 109)], 0),     # 107 + 2: kept apart
+    (215, 107, 1, [(0, 107), (107, 215)], 1),
+    (1, 4, 1, [(0, 1)], 0),                       # nothing to merge into (the trainer refuses this split)
+    (43, 40, 2, [(0, 43)], 3),                    # 40 + 3 over 2 processes: one would get 1 sample
+    (44, 40, 2, [(0, 40), (40, 44)], 0),
+    (1, 4, 2, [], 0),                             # fewer samples than processes, nothing before: dropped
+])
+def test_a_final_batch_too_small_for_batchnorm_is_merged(n, size, world, expected, merged):
+    assert batch_bounds(n, size, world) == expected
+    assert num_batches(n, size, world) == len(expected)
+    assert merged_samples(n, size, world) == merged
+
+
+def test_merged_batches_keep_every_sample_once_in_every_shard():
+    data = TensorMultimodalDataset({"x": torch.arange(43.).view(43, 1)}, torch.zeros(43, dtype=torch.long), 1)
+    gen = torch.Generator().manual_seed(0)
+    seen = [x["x"].flatten() for x, _ in iterate_batches(data.subset(torch.arange(41)), 40, gen)]
+    assert [len(s) for s in seen] == [41] and sorted(torch.cat(seen).tolist()) == list(range(41))
+    shards = [[x["x"].flatten() for x, _ in iterate_batches(data, 40, torch.Generator().manual_seed(0), shard=(r, 2))]
+              for r in range(2)]
+    assert [len(s) for r in shards for s in r] == [22, 21]
+    assert sorted(torch.cat([s for r in shards for s in r]).tolist()) == list(range(43))
+
+
+@pytest.mark.parametrize("encoder", CHOICES["model.encoder"])
+def test_a_last_training_batch_of_one_sample_trains_with_every_encoder(tmp_path, capsys, encoder):
+    """The issue's case: BatchNorm (model.norm=batch, the default) and a training split one more than
+    the batch size; every encoder kind, 1-D (mlp) and 2-D (cnn) BatchNorm."""
+    n_train = len(load_dataset("synthetic", n_train=120, n_test=40).train)
+    rc, out, err = run_cli(capsys, "train", "--out", tmp_path / "run", *SETS, "--set", "data.n_train=120",
+                           "--set", "data.n_test=40", "--set", "train.epochs=1", "--set", f"model.encoder={encoder}",
+                           "--set", f"train.batch_size={n_train - 1}")
+    assert rc == 0, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert summary["merged_final_batches"] == 1 and record["train_merged_final_batch_samples"] == 1
+    assert summary["cost"]["optimizer_steps"] == 1
