@@ -68,3 +68,73 @@ def test_a_last_training_batch_of_one_sample_trains_with_every_encoder(tmp_path,
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert summary["merged_final_batches"] == 1 and record["train_merged_final_batch_samples"] == 1
     assert summary["cost"]["optimizer_steps"] == 1
+
+
+# --- one schema for the whole configuration ------------------------------------------------------
+@pytest.mark.parametrize("sets, named", [
+    (["data=5"], "data: expected a mapping"),
+    (["method=5"], "method: expected a mapping"),
+    (["data=[a,b]"], "data: expected a mapping"),
+    (["train={1: 2}"], "train: keys must be names"),
+    (["method.name=[ogm-ge]"], "method.name: expected a method name"),
+    (["data.name=[synthetic]"], "data.name: expected a dataset name"),
+    (["data.name.x=1"], "data.name"),
+    (["method.name="], "method.name"),
+    (["train.seed=1000000000000000"], "train.seed: must be <= 16777215"),
+    (["train.seed=18446744073709551616"], "train.seed"),
+    (["data.split_seed=-1"], "data.split_seed"),
+    (["train.out=123"], "train.out: expected null or a string"),
+    (["train.out=[a]"], "train.out"),
+    (["data.num_classes=0"], "data.num_classes: must be >= 2"),
+    (["data.num_classes=-2"], "data.num_classes"),
+    (["data.num_classes=1"], "data.num_classes"),
+    (["method.name=ogm-ge", "method.alpha=.nan"], "method.alpha: expected a finite number"),
+    (["method.name=ogm-ge", "method.alpha=.inf"], "method.alpha"),
+    (["optim.lr=.inf"], "optim.lr: expected a finite number"),
+    (["optim.lr=nan"], "optim.lr"),
+    (["optim.weight_decay=.inf"], "optim.weight_decay"),
+    (["optim.clip_grad_norm=.nan"], "optim.clip_grad_norm"),
+    (["optim.momentum=1.5"], "optim.momentum: must be <= 1.0"),
+    (["data.visual_noise=.nan"], "data.visual_noise"),
+    (["data.val_fraction=0"], "data.val_fraction: must be > 0 for synthetic"),
+    (["data.modalities=5"], "data.modalities"),
+    (["model.width=99999999999999999999999"], "model.width"),
+    (["train.loggers=[jsonl"], "train.loggers: cannot parse value '[jsonl' as YAML"),
+    (["train..epochs=2"], "empty part"),
+])
+@pytest.mark.parametrize("command", ["train", "bench", "diagnose"])
+def test_bad_values_for_every_kind_of_key_are_one_line(tmp_path, capsys, command, sets, named):
+    """Each used to be a traceback (TypeError, unhashable type, OverflowError at epoch 1, a
+    RuntimeError in the data generator or the first validation), a silent acceptance (NaN, inf), or
+    several lines of PyYAML marks."""
+    if command != "train" and sets[0].startswith(("method", "data.name=[", "data.name.")):
+        pytest.skip("bench names its methods with --methods, diagnose compares its own")
+    extra = {"train": [], "bench": ["--methods", "joint", "--seeds", "0", "--no-progress"],
+             "diagnose": ["--seeds", "0", "--no-progress"]}[command]
+    rc, out, err = run_cli(capsys, command, "--out", tmp_path / "out", *extra, *[a for s in sets for a in ("--set", s)])
+    assert rc == 2
+    line = one_error_line(err)
+    assert named in line and len(line) < 400
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("text, named", [
+    ("data: 5\n", "data: expected a mapping"),
+    ("method: [ogm-ge]\n", "method: expected a mapping"),
+    ("train:\n  seed: 99999999999999999999\n", "train.seed"),
+    ("optim:\n  lr: .nan\n", "optim.lr"),
+    ("1: 2\nfoo: 3\n", "section names must be names"),
+])
+def test_bad_values_in_a_config_file_are_one_line(tmp_path, capsys, text, named):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    rc, _, err = run_cli(capsys, "train", "--config", path, "--out", tmp_path / "out")
+    assert rc == 2 and named in one_error_line(err)
+
+
+def test_the_largest_seed_trains_every_derived_seed(tmp_path, capsys):
+    """MAX_SEED is accepted and the seeds derived from it (batch order, OGM-GE's noise) fit 64 bits."""
+    from equimodal.config import MAX_SEED
+    rc, _, err = run_cli(capsys, "train", "--out", tmp_path / "run", *SETS, "--set", "train.epochs=1",
+                         "--set", "data.n_train=200", "--method", "ogm-ge", "--seed", MAX_SEED)
+    assert rc == 0, err
