@@ -138,3 +138,45 @@ def test_the_largest_seed_trains_every_derived_seed(tmp_path, capsys):
     rc, _, err = run_cli(capsys, "train", "--out", tmp_path / "run", *SETS, "--set", "train.epochs=1",
                          "--set", "data.n_train=200", "--method", "ogm-ge", "--seed", MAX_SEED)
     assert rc == 0, err
+
+
+# --- outputs checked before work starts ---------------------------------------------------------
+def _unwritable(tmp_path):
+    """Folders this process cannot create files in: a read-only one (unless root, whom permission
+    bits do not stop) and, on Linux, /proc."""
+    import os
+    import sys
+    found = []
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        ro = tmp_path / "read-only"
+        ro.mkdir()
+        ro.chmod(0o555)
+        found.append(ro)
+    if sys.platform.startswith("linux"):
+        found.append("/proc")
+    return found
+
+
+@pytest.mark.parametrize("argv, path", [
+    (["train", *SETS, "--out", "{f}/run"], "{f}/run"),
+    (["bench", "--methods", "joint", "--seeds", "0", "--no-progress", "--out", "{f}/b"], "{f}/b"),
+    (["diagnose", "--seeds", "0", "--no-progress", "--out", "{f}/d"], "{f}/d"),
+    (["report", "{bench}", "--output", "{f}/r.html"], "{f}/r.html"),
+    (["data", "prepare", "avdigits", "--source", "{f}", "--out", "{f}/cache"], "{f}/cache"),
+    (["data", "prepare", "cremad", "--videos", "{f}", "--out", "{f}/clips"], "{f}/clips"),
+])
+def test_every_command_that_writes_checks_its_output_first(tmp_path, capsys, argv, path):
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "results.md").write_text("| method | acc |\n|---|---|\n| joint | 0.5 |\n")
+    long_name = tmp_path / ("x" * 300)
+    for folder in ["/dev/null", long_name, *_unwritable(tmp_path)]:
+        filled = [a.format(f=folder, bench=bench) for a in argv]
+        rc, out, err = run_cli(capsys, *filled)
+        line = one_error_line(err)
+        assert rc == 2 and line.startswith(f"error: cannot write {str(folder)[:60]}"), line
+    if argv[0] == "report":  # a folder where a file goes (/dev/null is a file one may write to)
+        rc, _, err = run_cli(capsys, "report", bench, "--output", "/")
+    else:  # a file where a folder goes
+        rc, _, err = run_cli(capsys, *[a.format(f="/tmp", bench=bench) for a in argv[:-1]], "/dev/null")
+    assert rc == 2 and one_error_line(err).startswith("error: cannot write /")

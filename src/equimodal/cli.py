@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from ._outputs import check_writable_dir, check_writable_file
 from .errors import ConfigError, EquimodalError
 
 # flag -> config key; each flag is a shortcut for ``--set KEY=VALUE``
@@ -134,7 +135,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 2
     if args.name != "avdigits":
         return _prepare_clips(args)
-    out = Path(args.out)
+    out = check_writable_dir(args.out)
     if args.source:
         source = Path(args.source)
     elif args.download or args.mirror:
@@ -165,6 +166,7 @@ def _prepare_clips(args: argparse.Namespace) -> int:
     if not args.videos:
         print(f"error: {args.name}: pass --videos DIR (the original videos) and --out ROOT", file=sys.stderr)
         return 2
+    check_writable_dir(args.out)
     fps = args.fps or preset.fps
     try:
         counts = prepare_clips(args.videos, args.out, fps=fps, sample_rate=args.sample_rate or preset.sample_rate,
@@ -198,6 +200,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tune_seeds = [int(s) for s in args.tune_seeds.split(",") if s.strip()] if args.tune_seeds else None
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
+        if not args.plan:  # --plan writes nothing; the cells it prints check their own folders
+            check_writable_dir(out)
         if args.plan:
             grid = grid_specs(methods, cfg["optim"]["lr"], args.tune)[1]
             return _print_plan(args, grid, (tune_seeds or seeds) if args.tune else seeds, overrides)
@@ -260,6 +264,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         if args.compare is not None:
             from .analysis.diagnose import DEFAULT_SHORTLIST
             compare = [m.strip() for m in (args.compare or ",".join(DEFAULT_SHORTLIST)).split(",") if m.strip()]
+        check_writable_dir(args.out)
         report = diagnose(args.dataset, args.out, [int(s) for s in args.seeds.split(",")], overrides,
                           threshold=args.threshold, compare=compare)
     except (ConfigError, ValueError) as exc:
@@ -273,6 +278,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .analysis.report import build_report
 
+    if args.output is not None or (args.folder / "results.md").is_file():  # else: say what is missing first
+        check_writable_file(args.output or args.folder / "report.html")
     try:
         path = build_report(args.folder, args.output)
     except FileNotFoundError as exc:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _dist
+from .._outputs import check_writable_dir
 from .._progress import show_progress
 from ..config import dump_config
 from ..errors import ConfigError, DataError, NonFiniteError, RunFolderError
@@ -268,7 +269,7 @@ class Trainer:
             out_dir, n = stamp, 1
             while out_dir.exists():
                 out_dir, n = stamp.with_name(f"{stamp.name}-{n}"), n + 1
-        self.out_dir = Path(out_dir)
+        self.out_dir = check_writable_dir(out_dir)  # before the data and model are built
         if _dist.launched_by_torchrun() or _dist.is_distributed():
             self.device = _dist.init_from_env(resolve_device(t["device"]).type)  # joins torchrun's group
         else:
