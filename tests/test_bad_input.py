@@ -180,3 +180,103 @@ def test_every_command_that_writes_checks_its_output_first(tmp_path, capsys, arg
     else:  # a file where a folder goes
         rc, _, err = run_cli(capsys, *[a.format(f="/tmp", bench=bench) for a in argv[:-1]], "/dev/null")
     assert rc == 2 and one_error_line(err).startswith("error: cannot write /")
+
+
+# --- a checked user dataset ------------------------------------------------------------------
+class Items(torch.utils.data.Dataset):
+    """A user's dataset: ``item(i)`` makes item i; ``length`` (default n) is what ``__len__`` says;
+    ``labels`` an optional attribute."""
+
+    def __init__(self, n=40, item=None, length=None, labels=None, **attrs):
+        self.n, self.length = n, n if length is None else length
+        self.item = item or (lambda i: ({"a": torch.randn(6), "b": torch.randn(1, 4, 4)}, i % 4))
+        if labels is not None:
+            self.labels = labels
+        self.__dict__.update(attrs)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range")
+        return self.item(i)
+
+
+def good(i):
+    return {"a": torch.randn(6), "b": torch.randn(1, 4, 4)}, i % 4
+
+
+def with_label(label):
+    return lambda i: (good(i)[0], label if i == 7 else i % 4)
+
+
+def with_input(key, value, at=7):
+    return lambda i: ({**good(i)[0], key: value} if i == at else good(i)[0], i % 4)
+
+
+BAD_DATA = [
+    ({"train": Items(item=with_label("cat"))}, "custom:train[7]: the label must be an integer class index, got 'cat'"),
+    ({"train": Items(item=with_label(None))}, "custom:train[7]: the label must be an integer class index, got None"),
+    ({"train": Items(item=with_label(0.5))}, "custom:train[7]: the label must be an integer"),
+    ({"train": Items(item=with_label(10 ** 9))}, "1000000001 classes"),
+    ({"train": Items(item=with_label(10 ** 30))}, "custom:train[7]: the label"),
+    ({"train": Items(labels=[i % 4 + 0.9 for i in range(40)])}, "custom:train.labels[0]: the label must be an integer"),
+    ({"train": Items(labels=["x"] * 40)}, "custom:train.labels[0]"),
+    ({"train": Items(labels=[None] * 40)}, "custom:train.labels[0]"),
+    ({"train": Items(length=45)}, "custom:train[40]: reading the item failed (IndexError"),
+    ({"train": Items(item=lambda i: ({"a.b": torch.randn(3)}, i % 4))}, "'a.b' cannot name a modality"),
+    ({"train": Items(item=lambda i: ({"": torch.randn(3)}, i % 4))}, "'' cannot name a modality"),
+    ({"train": Items(item=lambda i: ({"items": torch.randn(3)}, i % 4))}, "'items' cannot name a modality"),
+    ({"train": Items(item=with_input("a", torch.randn(7)))}, "custom:train[7]: modality 'a' is torch.float32 of shape (7,)"),
+    ({"train": Items(item=with_input("a", torch.randn(6).double()))}, "custom:train[7]: modality 'a' is torch.float64"),
+    ({"train": Items(item=with_input("a", torch.tensor(1.0), at=0))}, "custom:train[0]: modality 'a' is a 0-dim tensor"),
+    ({"train": Items(item=with_input("a", torch.zeros(0), at=0))}, "custom:train[0]: modality 'a' has no values"),
+    ({"train": Items(item=lambda i: (good(i)[0], 0))}, "single class"),
+    ({"train": Items(num_classes=1000)}, "1000 classes"),
+    ({"train": Items(num_classes="4")}, "num_classes attribute must be an integer"),
+    ({"train": Items(num_classes=2)}, "declares num_classes=2"),
+    ({"test": Items(item=lambda i: ({"a": torch.randn(7), "b": torch.randn(1, 4, 4)}, i % 4))},
+     "modality 'a' is torch.float32 of shape (7,) in split 'test' but torch.float32 of shape (6,) in 'train'"),
+]
+
+
+@pytest.mark.parametrize("splits, named", BAD_DATA)
+def test_a_user_dataset_is_checked_before_training(tmp_path, splits, named):
+    from equimodal.data import register_dataset
+    from equimodal.errors import DataError
+    from equimodal.train import Trainer
+    from equimodal.config import load_config
+
+    data = {"train": Items(), "test": Items(n=20), **splits}
+    cfg = load_config(overrides=TINY + ["train.epochs=1"])
+    with pytest.raises(DataError) as info:
+        Trainer(cfg, out_dir=tmp_path / "run", data=data, echo=lambda s: None).fit()
+    assert named in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_an_item_unlike_the_first_is_named_in_its_batch_when_labels_are_given(tmp_path):
+    """With a ``labels`` attribute the label pass reads no item: a mismatch is caught when its batch is
+    made, naming the split and index, before any optimizer step."""
+    from equimodal.config import load_config
+    from equimodal.errors import DataError
+    from equimodal.train import Trainer
+
+    train = Items(item=with_input("a", torch.randn(5), at=33), labels=[i % 4 for i in range(40)])
+    cfg = load_config(overrides=TINY + ["train.epochs=1"])
+    trainer = Trainer(cfg, out_dir=tmp_path / "run", data={"train": train, "test": Items(n=20)}, echo=lambda s: None)
+    with pytest.raises(DataError, match=r"custom:train\[33\]: modality 'a' is torch.float32 of shape \(5,\)"):
+        trainer.fit()
+
+
+def test_int64_inputs_are_refused_for_the_built_in_encoders(tmp_path):
+    from equimodal.config import load_config
+    from equimodal.errors import DataError
+    from equimodal.train import Trainer
+
+    ints = Items(item=lambda i: ({"a": torch.arange(6), "b": torch.randn(1, 4, 4)}, i % 4))
+    cfg = load_config(overrides=TINY + ["train.epochs=1"])
+    test = Items(n=20, item=ints.item)
+    with pytest.raises(DataError, match="modality 'a' holds torch.int64 values; the built-in encoders take float32"):
+        Trainer(cfg, out_dir=tmp_path / "run", data={"train": ints, "test": test}, echo=lambda s: None)

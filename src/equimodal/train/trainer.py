@@ -64,7 +64,11 @@ def build_model(model_cfg: dict, splits: DataSplits) -> MultimodalModel:
         if kind == "auto" and m in preferred:
             encoders[m] = ENCODERS[preferred[m]]()
             continue
-        shape = tuple(splits.train[[0]][0][m].shape[1:])
+        sample = splits.train[[0]][0][m]
+        if sample.dtype != torch.float32:
+            raise DataError(f"dataset {splits.name!r}: modality {m!r} holds {sample.dtype} values; the built-in "
+                            "encoders take float32 (convert with .float(), or build your own model: model.factory)")
+        shape = tuple(sample.shape[1:])
         if kind == "auto":
             kind = "cnn" if len(shape) >= 2 else "mlp"
         if kind == "cnn":
