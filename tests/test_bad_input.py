@@ -280,3 +280,82 @@ def test_int64_inputs_are_refused_for_the_built_in_encoders(tmp_path):
     test = Items(n=20, item=ints.item)
     with pytest.raises(DataError, match="modality 'a' holds torch.int64 values; the built-in encoders take float32"):
         Trainer(cfg, out_dir=tmp_path / "run", data={"train": ints, "test": test}, echo=lambda s: None)
+
+
+# --- bench, report, data prepare ----------------------------------------------------------------
+@pytest.mark.parametrize("argv, named", [
+    (["--methods", ",,"], "--methods: ',,' names no method"),
+    (["--methods", "joint,joint"], "'joint' is given twice"),
+    (["--seeds", ","], "--seeds: ',' names no seed"),
+    (["--seeds", "0,0"], "--seeds: seed 0 is given twice"),
+    (["--seeds", "a"], "--seeds: 'a' is not an integer"),
+    (["--seeds", "-1"], "--seeds: seed -1 must be in"),
+    (["--tune", "--tune-seeds", ",", "--seeds", "0"], "--tune-seeds: ',' names no seed"),
+    (["--tune", "--methods", "nonexistent-method"], "unknown method 'nonexistent-method'"),
+    (["--methods", "nonexistent-method"], "unknown method 'nonexistent-method'"),
+    (["--methods", "ogm-ge:alpha"], "not key=value"),
+    (["--methods", "ogm-ge:alpha=[1"], "cannot parse value '[1' as YAML"),
+    (["--baseline", "nope"], "--baseline: 'nope' names no row"),
+])
+def test_bench_refuses_bad_options_before_any_run(tmp_path, capsys, argv, named):
+    rc, out, err = run_cli(capsys, "bench", "--out", tmp_path / "b", "--no-progress", *SETS, *argv)
+    assert rc == 2 and named in one_error_line(err), err
+    assert not (tmp_path / "b" / "runs").exists()
+
+
+def test_bench_argparse_mistakes_are_one_line(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--jobs", "x", "--out", "b"])
+    assert info.value.code == 2 and "argument --jobs" in one_error_line(capsys.readouterr().err)
+
+
+def test_diagnose_names_its_seeds_flag(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "diagnose", "--out", tmp_path / "d", "--seeds", "a")
+    assert rc == 2 and "--seeds: 'a'" in one_error_line(err)
+
+
+@pytest.mark.parametrize("csv_text, md_bytes, named", [
+    ("label,seed\njoint,0\n", b"| a |\n", "no column(s) ['test_acc', 'test_macro_f1', 'seconds', 'selection']"),
+    ("", b"| a |\n", "no column(s)"),
+    (None, b"\xff\xfe| a |\n", "results.md: not UTF-8 text"),
+])
+def test_report_on_a_foreign_bench_folder_is_one_line(tmp_path, capsys, csv_text, md_bytes, named):
+    (tmp_path / "results.md").write_bytes(md_bytes)
+    if csv_text is not None:
+        (tmp_path / "results.csv").write_text(csv_text)
+    rc, _, err = run_cli(capsys, "report", tmp_path)
+    assert rc == 2 and named in one_error_line(err)
+
+
+def test_report_takes_a_results_csv_with_an_empty_value(tmp_path, capsys):
+    (tmp_path / "results.md").write_text("| a |\n|---|\n| 1 |\n")
+    (tmp_path / "results.csv").write_text("label,seed,test_acc,test_macro_f1,seconds,selection\njoint,0,0.5,,3,last\n")
+    rc, out, err = run_cli(capsys, "report", tmp_path)
+    assert rc == 0, err
+    assert "<td>50.0</td>" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["cremad", "--videos", "{t}", "--fps", "-5"], "argument --fps: must be > 0, got -5"),
+    (["cremad", "--videos", "{t}", "--fps", "0"], "argument --fps: must be > 0, got 0"),
+    (["cremad", "--videos", "{t}", "--sample-rate", "-1"], "argument --sample-rate: must be > 0"),
+    (["avdigits", "--mirror", "foo://bar"], "--mirror: 'foo://bar' is not an http"),
+])
+def test_data_prepare_refuses_bad_options(tmp_path, capsys, argv, named):
+    argv = ["data", "prepare", *[a.format(t=tmp_path) for a in argv], "--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's own checks exit
+        rc = exc.code
+    assert rc == 2 and named in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_prepare_refuses_a_split_with_no_training_sample(tmp_path, capsys):
+    from test_bad_data import fake_avdigits
+    src = fake_avdigits(tmp_path / "src")
+    rc, _, err = run_cli(capsys, "data", "prepare", "avdigits", "--source", src, "--out", tmp_path / "cache",
+                         "--split", "speaker", "--test-speakers", "george", "--no-progress")
+    assert rc == 2 and "falls in the train split" in one_error_line(err)
+    assert not (tmp_path / "cache" / "manifest.json").exists()
