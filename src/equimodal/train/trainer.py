@@ -24,7 +24,7 @@ from .. import _dist
 from .._outputs import check_writable_dir
 from .._progress import show_progress
 from ..config import dump_config
-from ..errors import ConfigError, DataError, NonFiniteError, RunFolderError
+from ..errors import ConfigError, DataError, EquimodalError, NonFiniteError, RunFolderError
 from ..data import DataSplits, TensorMultimodalDataset, load_dataset
 from ..data.base import iterate_batches, merged_samples, num_batches, stratified_split
 from ..methods import Method, MethodData, build_method
@@ -297,6 +297,10 @@ class Trainer:
             data_opts["progress"] = show_progress(data_opts["progress"] and t["progress"])
         self.splits = load_dataset(self.cfg["data"]["name"], **data_opts)
         self.model = build_model(self.cfg["model"], self.splits).to(self.device)
+        if t["batch_size"] // self.world < 2 and any(isinstance(m, nn.BatchNorm1d) for m in self.model.modules()):
+            raise ConfigError(f"train.batch_size={t['batch_size']} leaves each of {self.world} process(es) 1 sample "
+                              "per batch, which BatchNorm1d (the vector encoders' default norm) cannot train on; "
+                              "use a larger batch or model.norm=group")
         if t.get("compile"):  # in place, per part: checkpoint keys and the model contract stay as they are
             compile_model(self.model)
         self.method = build_method(**self.cfg["method"])
@@ -349,7 +353,12 @@ class Trainer:
         method.on_stage_start(name, resumed=resumed)
         method.attach_data(MethodData(train=self.splits.train, val=self.splits.val, holdout=self.holdout,
                                       device=self.device))
-        method.setup(self.model, self.optimizer, seed=self.cfg["train"]["seed"])
+        try:
+            method.setup(self.model, self.optimizer, seed=self.cfg["train"]["seed"])
+        except (ValueError, TypeError) as exc:  # the method refuses this model (ogm-ge params=conv on MLPs)
+            if isinstance(exc, EquimodalError):
+                raise
+            raise ConfigError(f"method {method.name!r}: {' '.join(str(exc).split())}") from None
         if method.substeps() > 1 and self.cfg["train"]["accumulate"] != 1:
             raise ConfigError(f"method {method.name!r} takes {method.substeps()} optimizer steps per batch "
                               f"(stage {name!r}); train.accumulate must be 1, got {self.cfg['train']['accumulate']}")
