@@ -44,6 +44,24 @@ def test_a_final_batch_too_small_for_batchnorm_is_merged(n, size, world, expecte
     assert merged_samples(n, size, world) == merged
 
 
+def test_a_batch_of_one_with_batchnorm1d_is_refused_before_training(tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "train", "--out", tmp_path / "run", *SETS, "--set", "model.encoder=mlp",
+                         "--set", "train.batch_size=1")
+    assert rc == 2 and "train.batch_size=1" in one_error_line(err) and "BatchNorm1d" in err
+    assert not (tmp_path / "run").exists()
+    rc, _, err = run_cli(capsys, "train", "--out", tmp_path / "run", *SETS, "--set", "model.encoder=mlp",
+                         "--set", "train.batch_size=1", "--set", "model.norm=group", "--set", "data.n_train=40",
+                         "--set", "train.epochs=1")
+    assert rc == 0, err
+
+
+def test_a_method_refusing_the_model_is_one_line(tmp_path, capsys):
+    """ogm-ge modulates convolution parameters by default; vector (mlp) encoders have none."""
+    rc, _, err = run_cli(capsys, "train", "--out", tmp_path / "run", *SETS, "--method", "ogm-ge",
+                         "--set", "model.encoder=mlp")
+    assert rc == 2 and "method 'ogm-ge': ogm-ge: params='conv' selects no parameter" in one_error_line(err)
+
+
 def test_merged_batches_keep_every_sample_once_in_every_shard():
     data = TensorMultimodalDataset({"x": torch.arange(43.).view(43, 1)}, torch.zeros(43, dtype=torch.long), 1)
     gen = torch.Generator().manual_seed(0)
