@@ -377,3 +377,15 @@ def test_data_prepare_refuses_a_split_with_no_training_sample(tmp_path, capsys):
                          "--split", "speaker", "--test-speakers", "george", "--no-progress")
     assert rc == 2 and "falls in the train split" in one_error_line(err)
     assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--compare", ",,"], "--compare: ',,' names no method"),
+    (["--threshold", "nan"], "--threshold: must be a fraction"),
+    (["--threshold", "-1"], "--threshold"),
+    (["--seeds", "0,0"], "--seeds: seed 0 is given twice"),
+])
+def test_diagnose_refuses_bad_options(tmp_path, capsys, argv, named):
+    rc, _, err = run_cli(capsys, "diagnose", "--out", tmp_path / "d", "--seeds", "0", *argv)
+    assert rc == 2 and named in one_error_line(err)
+    assert not (tmp_path / "d").exists()

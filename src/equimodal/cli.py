@@ -316,6 +316,12 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         if args.compare is not None:
             from .analysis.diagnose import DEFAULT_SHORTLIST
             compare = [m.strip() for m in (args.compare or ",".join(DEFAULT_SHORTLIST)).split(",") if m.strip()]
+            if not compare:
+                raise ConfigError(f"--compare: {args.compare!r} names no method; give e.g. --compare mmcosine,arl "
+                                  "or --compare with no value for the default shortlist")
+        import math
+        if not (math.isfinite(args.threshold) and 0 <= args.threshold < 1):
+            raise ConfigError(f"--threshold: must be a fraction in [0, 1), got {args.threshold}")
         check_writable_dir(args.out)
         report = diagnose(args.dataset, args.out, _seed_list(args.seeds, "--seeds"), overrides,
                           threshold=args.threshold, compare=compare)
