@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from ._outputs import check_writable_dir, check_writable_file
 from .errors import ConfigError, EquimodalError
 
 # flag -> config key; each flag is a shortcut for ``--set KEY=VALUE``
@@ -114,7 +115,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 2
     if args.name != "avdigits":
         return _prepare_clips(args)
-    out = Path(args.out)
+    out = check_writable_dir(args.out)
+    if args.mirror is not None:
+        from urllib.parse import urlparse
+        url = urlparse(args.mirror)
+        if url.scheme not in ("http", "https", "ftp", "file") or (url.scheme != "file" and not url.netloc):
+            raise ConfigError(f"--mirror: {args.mirror!r} is not an http://, https://, ftp:// or file:// URL")
     if args.source:
         source = Path(args.source)
     elif args.download or args.mirror:
@@ -145,6 +151,7 @@ def _prepare_clips(args: argparse.Namespace) -> int:
     if not args.videos:
         print(f"error: {args.name}: pass --videos DIR (the original videos) and --out ROOT", file=sys.stderr)
         return 2
+    check_writable_dir(args.out)
     fps = args.fps or preset.fps
     try:
         counts = prepare_clips(args.videos, args.out, fps=fps, sample_rate=args.sample_rate or preset.sample_rate,
@@ -159,6 +166,48 @@ def _prepare_clips(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seed_list(text: str, flag: str) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]: at least one seed, each an integer in the config's range, none twice
+    (a seed given twice would plan one run folder twice)."""
+    from .config import MAX_SEED
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise ConfigError(f"{flag}: {text!r} names no seed; give integers separated by commas, e.g. {flag} 0,1,2")
+    seeds = []
+    for p in parts:
+        try:
+            seed = int(p)
+        except ValueError:
+            raise ConfigError(f"{flag}: {p!r} is not an integer seed (give e.g. {flag} 0,1,2)") from None
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"{flag}: seed {seed} must be in [0, {MAX_SEED}]")
+        if seed in seeds:
+            raise ConfigError(f"{flag}: seed {seed} is given twice (each seed is one run per row)")
+        seeds.append(seed)
+    return seeds
+
+
+def _method_list(text: str) -> list[str]:
+    """``--methods``: at least one row, each naming a registered method (or ``alone:<modality>``),
+    none twice (a row given twice would plan its run folders twice)."""
+    from .analysis.bench import parse_method_spec
+    from .methods import available_methods
+
+    specs = [m.strip() for m in text.split(",") if m.strip()]
+    if not specs:
+        raise ConfigError(f"--methods: {text!r} names no method; e.g. --methods joint,ogm-ge (see `equimodal methods`)")
+    known = available_methods()
+    for spec in specs:
+        name = spec.split(":")[0]
+        if name != "alone" and name not in known:
+            raise ConfigError(f"--methods: unknown method {name!r} in {spec!r}; see `equimodal methods`")
+        parse_method_spec(spec)  # the options' form (key=value)
+        if specs.count(spec) > 1:
+            raise ConfigError(f"--methods: {spec!r} is given twice")
+    return specs
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .analysis.bench import bench_grid, grid_specs, summarise
     from .analysis.plots import all_plots
@@ -166,16 +215,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from ._dist import is_main_process
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out)
     overrides = list(args.overrides) + (["train.stage_budget=shared"] if args.equal_epochs else [])
     try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        methods = _method_list(args.methods)
+        seeds = _seed_list(args.seeds, "--seeds")
         cfg = load_config(overrides=[f"data.name={args.dataset}", *overrides])
         if args.alone:
             from .data import dataset_modalities
-            methods += [f"alone:{m}" for m in dataset_modalities(cfg["data"]["name"], cfg["data"])]
-        tune_seeds = [int(s) for s in args.tune_seeds.split(",") if s.strip()] if args.tune_seeds else None
+            methods += [f"alone:{m}" for m in dataset_modalities(cfg["data"]["name"], cfg["data"])
+                        if f"alone:{m}" not in methods]
+        tune_seeds = _seed_list(args.tune_seeds, "--tune-seeds") if args.tune_seeds is not None else None
+        if args.baseline is None:
+            args.baseline = "joint"  # the default: the comparison is left out when there is no joint row
+        elif args.baseline not in methods:
+            raise ConfigError(f"--baseline: {args.baseline!r} names no row; the rows are {methods}")
         if args.jobs < 1:
             raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
         tuning = _tuning_options(args, tune_seeds) if args.tune else None
@@ -187,6 +241,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(shlex.join(command))
             print(note, file=sys.stderr)
             return 0
+        if not args.plan:  # --plan writes nothing; the cells it prints check their own folders
+            check_writable_dir(out)
         if args.plan:
             grid = grid_specs(methods, cfg["optim"]["lr"], args.tune_grid)[1]
             return _print_plan(args, grid, (tune_seeds or seeds) if args.tune_grid else seeds, overrides)
@@ -271,7 +327,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         if args.compare is not None:
             from .analysis.diagnose import DEFAULT_SHORTLIST
             compare = [m.strip() for m in (args.compare or ",".join(DEFAULT_SHORTLIST)).split(",") if m.strip()]
-        report = diagnose(args.dataset, args.out, [int(s) for s in args.seeds.split(",")], overrides,
+            if not compare:
+                raise ConfigError(f"--compare: {args.compare!r} names no method; give e.g. --compare mmcosine,arl "
+                                  "or --compare with no value for the default shortlist")
+        import math
+        if not (math.isfinite(args.threshold) and 0 <= args.threshold < 1):
+            raise ConfigError(f"--threshold: must be a fraction in [0, 1), got {args.threshold}")
+        check_writable_dir(args.out)
+        report = diagnose(args.dataset, args.out, _seed_list(args.seeds, "--seeds"), overrides,
                           threshold=args.threshold, compare=compare)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -284,6 +347,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from .analysis.report import build_report
 
+    if args.output is not None or (args.folder / "results.md").is_file():  # else: say what is missing first
+        check_writable_file(args.output or args.folder / "report.html")
     try:
         path = build_report(args.folder, args.output)
     except FileNotFoundError as exc:
@@ -308,8 +373,27 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer > 0 (``--fps 0`` used to become the preset's silently, -5 a folder
+    ``Image--5-FPS``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's mistakes in one ``error:`` line (exit 2) like every other mistake, not a usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="equimodal", description="Balanced multimodal learning.")
+    parser = _Parser(prog="equimodal", description="Balanced multimodal learning.")
     parser.add_argument("--version", action="version", version=f"equimodal {__version__}")
     sub = parser.add_subparsers(dest="command")
     _add_train(sub)
@@ -324,8 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     prep = dsub.add_parser("prepare", help="build a dataset (AV-Digits cache, or frames + audio from videos)")
     prep.add_argument("name", choices=("avdigits", "cremad", "kinetics-sounds", "vggsound", "ave"))
     prep.add_argument("--videos", help="(paper datasets) folder of original videos to extract with PyAV")
-    prep.add_argument("--fps", type=int, help="(paper datasets) frames per second to extract (default: the preset's)")
-    prep.add_argument("--sample-rate", type=int, help="(paper datasets) audio rate (default: the preset's)")
+    prep.add_argument("--fps", type=_positive_int, help="(paper datasets) frames per second to extract (default: the preset's)")
+    prep.add_argument("--sample-rate", type=_positive_int, help="(paper datasets) audio rate (default: the preset's)")
     prep.add_argument("--no-audio", action="store_true", help="(paper datasets) frames only; provide WAVs yourself")
     prep.add_argument("--skip-bad", action="store_true", help="(paper datasets) skip unreadable videos and count them")
     prep.add_argument("--source", help="folder laid out like shared/data (fsdd/, mnist/, mnist-train5k/)")
@@ -343,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--alone", action="store_true", help="also train each modality alone (joint on one modality)")
-    p.add_argument("--baseline", default="joint", help="the row the paired differences are taken against")
+    p.add_argument("--baseline", help="the row the paired differences are taken against (default: joint)")
     p.add_argument("--tune", action="store_true",
                    help="one Optuna study per row over the learning rate and the method's search space (same "
                         "trials, sampler and pruner for every row, tuning seeds apart), then each row's pick "

@@ -4,10 +4,19 @@ Everything is checked before any training: an unknown key or a bad value raises 
 naming the key (``train.epochs``), the value and what is allowed. ``data`` and ``method`` sections
 take the options of the chosen dataset loader / method constructor, filled with their defaults, so
 ``config.yaml`` of a run is the full resolved configuration.
+
+The schema, declared once here and checked by ``resolve``: every section is a mapping of string
+keys (``data`` and ``method`` with a ``name`` string); each key's type is that of its default in
+``DEFAULTS`` (or of the dataset's / method's signature), ``NULLABLE`` for keys whose default is
+null; ``CHOICES`` for names, ``POSITIVE`` / ``NON_NEGATIVE`` / ``MAXIMUM`` for ranges (``train.seed``
+at most ``MAX_SEED``, so every seed derived from it fits 64 bits); every number anywhere is finite
+and fits 64 bits. Options a method or dataset defaults to null are checked by its constructor,
+called here too.
 """
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +61,16 @@ CHOICES: dict[str, tuple] = {
 POSITIVE = ("model.width", "model.feature_dim", "optim.lr", "optim.step_size", "optim.gamma", "train.epochs",
             "train.batch_size", "train.accumulate")
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "train.num_workers", "train.seed")
+#: the largest ``train.seed``: per-epoch and per-step seeds are derived from it (``seed * 100_003 +
+#: epoch`` for the batch order, up to ``((seed * 1_000_003 + step) * 1_009 + k) * 257`` in the
+#: methods), and each must stay a 64-bit integer for ``torch.Generator.manual_seed``
+MAX_SEED = 2 ** 24 - 1
+#: inclusive upper bounds
+MAXIMUM = {"optim.momentum": 1.0, "train.seed": MAX_SEED}
+#: keys whose default is null, and the type each takes otherwise (their own checks follow)
+NULLABLE = {"model.factory": str, "optim.clip_grad_norm": float, "train.out": str}
+#: the largest integer any key takes (what torch and the seeds take: 64 bits, signed)
+MAX_INT = 2 ** 63 - 1
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -72,11 +91,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+        raise ConfigError(f"override {key}: cannot parse value {raw!r} as YAML: {yaml_problem(exc)}") from None
     return key.strip().split("."), value
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A PyYAML error in one line: what is wrong and where (PyYAML's own text spans several lines
+    with the offending text and a caret under it)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return f"{problem} (column {mark.column + 1})" if mark is not None and mark.line == 0 else (
+        f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem)
+
+
 def _set(cfg: dict, path: list[str], value: Any) -> None:
+    if not all(path):
+        raise ConfigError(f"override {'.'.join(path)!r}: a key has an empty part; write section.key=value")
     node = cfg
     for part in path[:-1]:
         node = node.setdefault(part, {})
@@ -85,8 +115,27 @@ def _set(cfg: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _check_finite(key: str, value: Any) -> None:
+    """Numbers anywhere in a value (lists and mappings included) are finite and fit 64 bits."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        raise ConfigError(f"{key}: {value} is too large (at most {MAX_INT})")
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            _check_finite(key, item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_finite(key, item)
+
+
 def _check_type(key: str, value: Any, default: Any) -> Any:
-    """Coerce/check ``value`` against the type of its default (None defaults accept anything)."""
+    """Coerce/check ``value`` against the type of its default (None defaults accept anything: the
+    method or dataset that takes the option checks it), and that every number in it is finite."""
+    if not isinstance(default, float):  # a float key converts first (1e23 written as an integer is a number)
+        _check_finite(key, value)
     if default is None:
         return value
     if isinstance(default, bool):
@@ -105,7 +154,12 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{key}: {value} is too large for a number") from None
+        _check_finite(key, value)
+        return value
     if isinstance(default, str):
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
@@ -117,6 +171,20 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return list(value)
     return value
+
+
+def _check_section(section: str, value: Any) -> None:
+    """A section is a mapping of string keys; ``data`` and ``method`` name their dataset / method."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{section}: expected a mapping of keys (e.g. {section}.KEY=VALUE), got {value!r}")
+    odd = [k for k in value if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"{section}: keys must be names, got {odd!r}")
+    if section in ("data", "method"):
+        name = value.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{section}.name: expected a {'dataset' if section == 'data' else 'method'} name, "
+                              f"got {name!r}")
 
 
 def _resolve_options(section: str, cfg: dict, defaults: dict) -> dict:
@@ -135,19 +203,27 @@ def resolve(raw: dict) -> dict:
     """Validate a (partial) config and fill every default. Raises ``ConfigError``."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
+    odd = [k for k in raw if not isinstance(k, str)]
+    if odd:
+        raise ConfigError(f"section names must be names, got {odd!r}; valid sections: {sorted(DEFAULTS)}")
     unknown = sorted(set(raw) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid sections: {sorted(DEFAULTS)}")
     cfg = _deep_merge(DEFAULTS, raw)
+    for section in DEFAULTS:
+        _check_section(section, cfg[section])
     for section in ("model", "optim", "train"):
-        if not isinstance(cfg[section], dict):
-            raise ConfigError(f"{section}: expected a mapping, got {cfg[section]!r}")
         extra = sorted(set(cfg[section]) - set(DEFAULTS[section]))
         if extra:
             raise ConfigError(f"unknown key(s) {[f'{section}.{k}' for k in extra]}; "
                               f"valid: {sorted(DEFAULTS[section])}")
         for k, d in DEFAULTS[section].items():
             cfg[section][k] = _check_type(f"{section}.{k}", cfg[section][k], d)
+    for key, kind in NULLABLE.items():
+        s, k = key.split(".")
+        value = cfg[s][k]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else kind)):
+            raise ConfigError(f"{key}: expected null or a {'number' if kind is float else 'string'}, got {value!r}")
     for key, allowed in CHOICES.items():
         s, k = key.split(".")
         if cfg[s][k] not in allowed:
@@ -160,6 +236,14 @@ def resolve(raw: dict) -> dict:
         s, k = key.split(".")
         if not cfg[s][k] >= 0:
             raise ConfigError(f"{key}: must be >= 0, got {cfg[s][k]!r}")
+    for key, most in MAXIMUM.items():
+        s, k = key.split(".")
+        if not cfg[s][k] <= most:
+            raise ConfigError(f"{key}: must be <= {most}, got {cfg[s][k]!r}"
+                              + (" (per-epoch and per-step seeds are derived from it)" if key == "train.seed" else ""))
+    out = cfg["train"]["out"]
+    if out is not None and not out.strip():
+        raise ConfigError("train.out: empty; give a folder or null (runs/<timestamp>)")
     if cfg["model"]["estimator"] == "exact" and not FUSIONS[cfg["model"]["fusion"]].decomposes:
         exact = sorted(n for n, f in FUSIONS.items() if f.decomposes)
         raise ConfigError(f"model.estimator: 'exact' needs a fusion whose logits decompose ({', '.join(exact)}); "
@@ -202,16 +286,27 @@ def resolve(raw: dict) -> dict:
 def _check_data(data: dict) -> list[str] | None:
     """Checks every dataset shares (counts, fractions, modalities); returns the modalities used
     (None for a user dataset whose modalities are not known before it is loaded)."""
+    from .data import BUILTIN_DATASETS
+
     name = data["name"]
     for key, value in data.items():
         if key.startswith("n_") and isinstance(value, int) and value <= 0:
             raise ConfigError(f"data.{key}: must be > 0, got {value}")
+        if key == "num_classes" and isinstance(value, int) and value < 2:
+            raise ConfigError(f"data.num_classes: must be >= 2 (one class has nothing to learn), got {value}")
         if key.endswith("_fraction") and isinstance(value, float) and not 0.0 <= value < 1.0:
             raise ConfigError(f"data.{key}: must be in [0, 1), got {value}")
+        if key.endswith("_seed") and isinstance(value, int) and not 0 <= value <= MAX_SEED:
+            raise ConfigError(f"data.{key}: must be in [0, {MAX_SEED}], got {value}")
+    if name in BUILTIN_DATASETS and data.get("val_fraction") == 0:  # a user's own val split makes it unused
+        raise ConfigError(f"data.val_fraction: must be > 0 for {name} (validation is carved from its training "
+                          "split; selection and the per-epoch figures need it), got 0")
     known = list(DATASET_MODALITIES.get(name, ()))
     if data.get("modalities") is None:
         return known or None
     mods = data["modalities"]
+    if not isinstance(mods, (list, tuple)) or not all(isinstance(m, str) for m in mods):
+        raise ConfigError(f"data.modalities: expected a list of modality names, got {mods!r}")
     if not mods:
         raise ConfigError("data.modalities: empty; name at least one modality")
     unknown = [m for m in mods if known and m not in known]
@@ -240,7 +335,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
-            problem = getattr(exc, "problem", None) or str(exc)
+            problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
             raise ConfigError(f"{where}: not valid YAML: {problem}") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: cannot read the config file: {exc}") from None
@@ -249,7 +344,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = _deep_merge(raw, loaded)
     for text in overrides or []:
         keys, value = parse_override(text)
-        if keys[0] in ("method", "data") and keys[1:] == ["name"] and raw.get(keys[0], {}).get("name") != value:
+        section = raw.get(keys[0], {})
+        if keys[0] in ("method", "data") and keys[1:] == ["name"] and (
+                not isinstance(section, dict) or section.get("name") != value):
             raw[keys[0]] = {}  # a new method/dataset starts from its own defaults
         _set(raw, keys, value)
     return resolve(raw)

@@ -37,3 +37,7 @@ class NonFiniteError(EquimodalError, FloatingPointError):
 
 class UnsupportedMethodError(EquimodalError, ValueError):
     """A method cannot run under a given loop or integration (the message says what to use instead)."""
+
+
+class OutputError(EquimodalError, OSError):
+    """An output path cannot be written (not a folder, no permission, a name too long); checked before any work."""

@@ -12,6 +12,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import DataError
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
 h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
@@ -104,12 +106,46 @@ def budget_rows(folder: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}); is it the results.md bench wrote?") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+
+
+def _read_runs(path: Path, cols: list[str]) -> list[dict[str, str]]:
+    """The rows of a bench ``results.csv``, refused with the missing columns named."""
+    import io
+    reader = csv.DictReader(io.StringIO(_read_text(path)))
+    missing = [c for c in cols if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}: no column(s) {missing}; is it the results.csv bench wrote? "
+                        f"(it has {reader.fieldnames or 'no header'})")
+    return [r for r in reader if any((v or "").strip() for v in r.values() if isinstance(v, str))]
+
+
+def _number(text: str | None, form: str) -> str:
+    try:
+        return form.format(float(text))
+    except (TypeError, ValueError):
+        return text or "-"
+
+
+def _percent(text: str | None) -> str:
+    try:
+        return f"{100 * float(text):.1f}"
+    except (TypeError, ValueError):
+        return text or "-"
+
+
 def build_report(folder: str | Path, out: str | Path | None = None) -> Path:
     folder = Path(folder)
     md_path = folder / "results.md"
     if not md_path.is_file():
         raise FileNotFoundError(f"{md_path} not found: run `equimodal bench --out {folder}` first")
-    md = md_path.read_text()
+    md = _read_text(md_path)
     table_md = "\n".join(line for line in md.splitlines() if line.startswith("|"))
     notes = [line for line in md.splitlines() if line.strip() and not line.startswith("|")]
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>equimodal report: {html.escape(folder.name)}</title>",
@@ -134,12 +170,12 @@ def build_report(folder: str | Path, out: str | Path | None = None) -> Path:
             parts += [f"<h2>{caption}</h2>", f"<img alt='{caption}' src='data:image/png;base64,{data}'>"]
     csv_path = folder / "results.csv"
     if csv_path.is_file():
-        rows = list(csv.DictReader(open(csv_path)))
         cols = ["label", "seed", "test_acc", "test_macro_f1", "seconds", "selection"]
+        rows = _read_runs(csv_path, cols)
         parts += ["<h2>Runs</h2>", "<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"]
         for r in rows:
-            cells = [r[c] if c not in ("test_acc", "test_macro_f1") else f"{100 * float(r[c]):.1f}" for c in cols]
-            cells[4] = f"{float(r['seconds']):.0f}"
+            cells = [(r[c] or "") if c not in ("test_acc", "test_macro_f1") else _percent(r[c]) for c in cols]
+            cells[4] = _number(r["seconds"], "{:.0f}")
             parts.append("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in cells) + "</tr>")
         parts.append("</table>")
     parts.append("</body></html>")

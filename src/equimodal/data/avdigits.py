@@ -214,6 +214,12 @@ def prepare_avdigits(source: str | Path, out: str | Path, split: str = "official
     recordings = fsdd_recordings(source)
     is_test = [(take <= 4) if split == "official" else (speaker in test_speakers)
                for _, _, speaker, take in recordings]
+    for part, count in (("train", is_test.count(False)), ("test", is_test.count(True))):
+        if not count:  # refused before anything is decoded or written (a cache of 0 samples is no cache)
+            rule = ("takes 0-4 test, 5-49 train" if split == "official"
+                    else f"test speakers {list(test_speakers)}")
+            raise DataError(f"{source / FSDD_DIR}: none of the {len(recordings)} recording(s) falls in the {part} "
+                            f"split ({rule}); add recordings or choose other --test-speakers / --split")
 
     length = int(round(duration * SAMPLE_RATE))
     waves = []

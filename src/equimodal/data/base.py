@@ -102,10 +102,30 @@ class DataSplits:
         return self.train.num_classes
 
 
+def batch_bounds(n: int, batch_size: int, world: int = 1) -> list[tuple[int, int]]:
+    """The (start, stop) of each (global) batch ``iterate_batches`` makes of ``n`` samples over
+    ``world`` processes. A final batch that would leave some process fewer than 2 samples (BatchNorm
+    cannot train on one) is *merged* into the one before it, which then holds up to
+    ``batch_size + 2 * world - 1`` samples: no sample is dropped. Only when there is no batch before
+    it does a final batch with fewer samples than processes get dropped (every process must take
+    part in each step)."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < 2 * world:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return [(a, b) for a, b in bounds if b - a >= world]
+
+
 def num_batches(n: int, batch_size: int, world: int = 1) -> int:
-    """How many (global) batches ``iterate_batches`` yields for ``n`` samples over ``world`` processes:
-    a final batch with fewer samples than processes is dropped."""
-    return sum(1 for start in range(0, n, batch_size) if min(batch_size, n - start) >= world)
+    """How many (global) batches ``iterate_batches`` yields for ``n`` samples over ``world``
+    processes (see ``batch_bounds``: a final batch too small for BatchNorm is merged)."""
+    return len(batch_bounds(n, batch_size, world))
+
+
+def merged_samples(n: int, batch_size: int, world: int = 1) -> int:
+    """How many samples of a final, too small batch ``iterate_batches`` merges into the batch
+    before it (0: none), for the run's figures."""
+    last = n % batch_size
+    return last if n > batch_size and 0 < last < 2 * world else 0
 
 
 #: strong references to a storage (``None`` on a torch without it: then batch buffers are not reused)
@@ -310,8 +330,9 @@ def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None 
     """Mini-batches in a seeded order (shuffled when a generator is given); at most ``limit`` samples.
 
     ``shard=(rank, world)``: every process draws the same order and takes its contiguous share of
-    each global batch of ``batch_size`` samples (a final batch with fewer samples than processes is
-    dropped, since every process must take part in each step).
+    each global batch of ``batch_size`` samples. A final batch that would give a process fewer than
+    2 samples is merged into the batch before it (``batch_bounds``: BatchNorm cannot train on one
+    sample, and no sample is dropped).
 
     In-memory datasets: one vectorised index gather per batch. Datasets read from disk go through a
     ``DataLoader`` (``num_workers`` processes) over the same order; ``pin_memory`` (for CUDA: faster,
@@ -327,10 +348,10 @@ def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None 
         order = order[:max(0, int(limit))]
         n = order.numel()
     stop = n - n % batch_size if drop_last and n >= batch_size else n
-    chunks = [order[start:start + batch_size] for start in range(0, stop, batch_size)]
     rank, world = shard
+    chunks = [order[a:b] for a, b in batch_bounds(stop, batch_size, world)]
     if world > 1:
-        chunks = [c.tensor_split(world)[rank] for c in chunks[:num_batches(stop, batch_size, world)]]
+        chunks = [c.tensor_split(world)[rank] for c in chunks]
     if isinstance(dataset, TensorMultimodalDataset):
         for chunk in chunks:
             yield dataset[chunk]

@@ -50,7 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
                       "pip install 'equimodal[lightning]' (or pip install lightning)") from exc
 
 from .. import _dist
-from ..data.base import num_batches
+from ..data.base import batch_bounds, num_batches
 from ..errors import UnsupportedMethodError
 from ..methods import Method, MethodData
 from ..methods._base import unwrap
@@ -185,10 +185,8 @@ class SeededBatches(torch.utils.data.Sampler):
         else:
             order = torch.arange(self.n)
         rank, world = _dist.rank(), _dist.world_size()
-        for start in range(0, self.n, self.batch_size):
-            chunk = order[start:start + self.batch_size]
-            if chunk.numel() < world:
-                break
+        for start, stop in batch_bounds(self.n, self.batch_size, world):  # as equimodal train cuts them
+            chunk = order[start:stop]
             yield chunk.tensor_split(world)[rank] if world > 1 else chunk
 
     def __len__(self) -> int:

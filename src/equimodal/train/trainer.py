@@ -21,11 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import _dist
+from .._outputs import check_writable_dir
 from .._progress import show_progress
 from ..config import dump_config
-from ..errors import CheckpointError, ConfigError, EquimodalError, NonFiniteError, RunFolderError
+from ..errors import CheckpointError, ConfigError, DataError, EquimodalError, NonFiniteError, RunFolderError
 from ..data import DataSplits, TensorMultimodalDataset, load_dataset
-from ..data.base import iterate_batches, num_batches, stratified_split
+from ..data.base import batch_bounds, iterate_batches, merged_samples, num_batches, stratified_split
 from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
 from ..models.factory import build_user_model
@@ -68,7 +69,11 @@ def build_model(model_cfg: dict, splits: DataSplits) -> MultimodalModel:
         if kind == "auto" and m in preferred:
             encoders[m] = ENCODERS[preferred[m]]()
             continue
-        shape = tuple(splits.train[[0]][0][m].shape[1:])
+        sample = splits.train[[0]][0][m]
+        if sample.dtype != torch.float32:
+            raise DataError(f"dataset {splits.name!r}: modality {m!r} holds {sample.dtype} values; the built-in "
+                            "encoders take float32 (convert with .float(), or build your own model: model.factory)")
+        shape = tuple(sample.shape[1:])
         if kind == "auto":
             kind = "cnn" if len(shape) >= 2 else "mlp"
         if kind == "cnn":
@@ -273,7 +278,7 @@ class Trainer:
             out_dir, n = stamp, 1
             while out_dir.exists():
                 out_dir, n = stamp.with_name(f"{stamp.name}-{n}"), n + 1
-        self.out_dir = Path(out_dir)
+        self.out_dir = check_writable_dir(out_dir)  # before the data and model are built
         if _dist.launched_by_torchrun() or _dist.is_distributed():
             self.device = _dist.init_from_env(resolve_device(t["device"]).type)  # joins torchrun's group
         else:
@@ -297,6 +302,10 @@ class Trainer:
             data_opts["progress"] = show_progress(data_opts["progress"] and t["progress"])
         self.splits = load_dataset(self.cfg["data"]["name"], **data_opts)
         self.model = build_model(self.cfg["model"], self.splits).to(self.device)
+        if t["batch_size"] // self.world < 2 and any(isinstance(m, nn.BatchNorm1d) for m in self.model.modules()):
+            raise ConfigError(f"train.batch_size={t['batch_size']} leaves each of {self.world} process(es) 1 sample "
+                              "per batch, which BatchNorm1d (the vector encoders' default norm) cannot train on; "
+                              "use a larger batch or model.norm=group")
         if t.get("compile"):  # in place, per part: checkpoint keys and the model contract stay as they are
             compile_model(self.model)
         self.method = build_method(**self.cfg["method"])
@@ -310,6 +319,10 @@ class Trainer:
         # cannot act within them is said once at the start of fit
         self.notes = [note for _, m, e in self.plan for note in m.plan_epochs(e)]
         self.holdout = self._carve_holdout(max(m.holdout_fraction for _, m, _ in self.plan))
+        if len(self.splits.train) < 2 * self.world:  # BatchNorm cannot train on one sample per process
+            raise DataError(f"dataset {self.cfg['data']['name']!r}: the training split has {len(self.splits.train)} "
+                            f"sample(s) once validation{' and held-out' if self.holdout is not None else ''} "
+                            f"samples are carved; training needs at least {2 * self.world}")
         self.total_epochs = sum(e for _, _, e in self.plan)
         self.epoch = 0  # global epoch, across stages
         self.history: list[dict[str, Any]] = []
@@ -348,7 +361,12 @@ class Trainer:
         method.on_stage_start(name, resumed=resumed)
         method.attach_data(MethodData(train=self.splits.train, val=self.splits.val, holdout=self.holdout,
                                       device=self.device))
-        method.setup(self.model, self.optimizer, seed=self.cfg["train"]["seed"])
+        try:
+            method.setup(self.model, self.optimizer, seed=self.cfg["train"]["seed"])
+        except (ValueError, TypeError) as exc:  # the method refuses this model (ogm-ge params=conv on MLPs)
+            if isinstance(exc, EquimodalError):
+                raise
+            raise ConfigError(f"method {method.name!r}: {' '.join(str(exc).split())}") from None
         if method.substeps() > 1 and self.cfg["train"]["accumulate"] != 1:
             raise ConfigError(f"method {method.name!r} takes {method.substeps()} optimizer steps per batch "
                               f"(stage {name!r}); train.accumulate must be 1, got {self.cfg['train']['accumulate']}")
@@ -490,7 +508,8 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         steps = 0
         train_set = method.training_set(stage_epoch, self.splits.train)  # a method may resample (valuation)
-        n_batches = num_batches(len(train_set), t["batch_size"], self.world)
+        bounds = batch_bounds(len(train_set), t["batch_size"], self.world)  # the global batches' sizes
+        n_batches = len(bounds)
         name = self.plan[self.stage_index][0]
         label = f"{name} " if len(self.plan) > 1 else ""
         if hasattr(train_set, "set_epoch"):
@@ -514,7 +533,8 @@ class Trainer:
                 group = 1 if substeps > 1 else min(accumulate, n_batches - (i // accumulate) * accumulate)
                 scaled = loss / group  # a final, shorter accumulation group is averaged over its own size
                 if self.world > 1:  # DDP averages rank means: weigh each by its share of an uneven last batch
-                    scaled = scaled * (y.numel() * self.world / min(t["batch_size"], len(train_set) - i * t["batch_size"]))
+                    start, stop = bounds[i]
+                    scaled = scaled * (y.numel() * self.world / (stop - start))
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 for k, v in {"loss": loss, **terms}.items():
                     sums[k] = sums.get(k, 0) + v.detach()
@@ -557,6 +577,9 @@ class Trainer:
         stats = {k: float(v) / max(1, steps) for k, v in sums.items()}
         if skipped:
             stats["skipped_nonfinite_steps"] = skipped
+        merged = merged_samples(len(train_set), t["batch_size"], self.world)
+        if merged:  # a final batch too small for BatchNorm went into the batch before it (batch_bounds)
+            stats["merged_final_batch_samples"] = merged
         if self.scaler is not None:
             stats["fp16_scale"] = float(self.scaler.get_scale())
         return stats
@@ -697,6 +720,9 @@ class Trainer:
             "last_epoch_test_acc": last_test,
             "stages": self.stage_reports,
             "holdout": len(self.holdout) if self.holdout is not None else 0,
+            # epochs whose final training batch was too small for BatchNorm and was merged into the
+            # batch before it (each epoch's count of such samples: train_merged_final_batch_samples)
+            "merged_final_batches": sum(1 for r in self.history if r.get("train_merged_final_batch_samples")),
             "cost": {"epochs": self.total_epochs,
                      "stage_epochs": {name: epochs for name, _, epochs in self.plan},
                      **self.meter.summary(self.optimizer_steps)},
