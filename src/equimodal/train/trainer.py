@@ -26,7 +26,7 @@ from .._progress import show_progress
 from ..config import dump_config
 from ..errors import CheckpointError, ConfigError, DataError, EquimodalError, NonFiniteError, RunFolderError
 from ..data import DataSplits, TensorMultimodalDataset, load_dataset
-from ..data.base import batch_bounds, iterate_batches, merged_samples, num_batches, stratified_split
+from ..data.base import batch_bounds, iterate_batches, merged_samples, stratified_split
 from ..methods import Method, MethodData, build_method
 from ..models import ENCODERS, MultimodalModel
 from ..models.factory import build_user_model
