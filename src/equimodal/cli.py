@@ -107,7 +107,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     state = load_run_state(args.checkpoint)
     cfg = state["config"]
     device = resolve_device(args.device or cfg["train"]["device"])
-    splits = load_dataset(cfg["data"]["name"], **{k: v for k, v in cfg["data"].items() if k != "name"})
+    run_folder = args.checkpoint if args.checkpoint.is_dir() else args.checkpoint.parent
+    splits = load_dataset(cfg["data"]["name"], fitted_dir=run_folder / "data",  # the run's tokenizer
+                          **{k: v for k, v in cfg["data"].items() if k != "name"})
     model = build_model(cfg["model"], splits).to(device)
     best = state.get("best") or {}
     if cfg["train"]["select"] == "best_val" and best.get("model") is not None and not args.last:
