@@ -149,3 +149,44 @@ def test_sensor_windows_train_from_the_cli_with_the_default_encoder(tmp_path, mo
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["test_acc_by_modality"]) == {"acc", "gyro"}
     assert main(["eval", "--checkpoint", str(out)]) == 0
+
+
+class _Windows(torch.utils.data.Dataset):
+    """A user's Dataset declaring its kinds; 8 x 64 would read as channels x time by the rule."""
+
+    modality_kinds = {"grid": "image"}
+
+    def __init__(self, n):
+        self.x, self.y = torch.randn(n, 8, 64), torch.arange(n) % 2
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"grid": self.x[i], "v": self.x[i, 0]}, int(self.y[i])
+
+
+def test_a_users_dataset_declares_kinds_through_the_wrapper(tmp_path):
+    cfg = load_config(overrides=SMALL)
+    trainer = Trainer(cfg, out_dir=tmp_path / "run", echo=lambda s: None,
+                      data={"train": _Windows(40), "test": _Windows(20)})
+    assert type(trainer.model.encoder("grid")) is SmallCNN and type(trainer.model.encoder("v")) is MLPEncoder
+
+
+def test_a_refused_shape_is_one_error_line_from_the_cli(tmp_path, monkeypatch, capsys):
+    (tmp_path / "flat_data.py").write_text(textwrap.dedent('''
+        import torch
+        from equimodal.data import TensorMultimodalDataset
+
+        def build():
+            part = lambda n: TensorMultimodalDataset({"wrist": torch.randn(n, 3, 2, 100), "v": torch.randn(n, 4)},
+                                                     torch.arange(n) % 2, 2)
+            return {"train": part(20), "test": part(10)}
+        '''))
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    rc = main(["train", "--dataset", "flat_data:build", "--out", str(tmp_path / "run"),
+               *[a for s in SMALL for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and "'wrist'" in err[0]
+    assert "(3, 2, 100)" in err[0] and "model.factory" in err[0]
