@@ -190,3 +190,13 @@ def test_a_refused_shape_is_one_error_line_from_the_cli(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and "'wrist'" in err[0]
     assert "(3, 2, 100)" in err[0] and "model.factory" in err[0]
+
+
+def test_trailing_padding_does_not_change_the_token_features():
+    torch.manual_seed(0)
+    enc = TokenTransformer(vocab_size=50, max_len=20, width=8, out_dim=4).eval()
+    ids = torch.randint(1, 50, (3, 20))
+    ids[:, 7:] = 0
+    ids[1, 3:] = 0
+    longer = torch.cat([ids, torch.randint(1, 50, (1, 20))])  # a full-length row: nothing is trimmed
+    assert torch.allclose(enc(ids), enc(longer)[:3], atol=1e-5)
