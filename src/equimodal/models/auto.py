@@ -22,7 +22,7 @@ With ``auto`` a modality's kind comes, in this order, from
    ``A x B`` (numbers), A >= 4, B >= 4,    image        ``cnn`` (a spectrogram, a grey image)
    and not (A <= 16 and B >= 8 A)
    any other ``A x B`` (numbers)           sequence     ``cnn1d`` (A channels x B steps)
-   ``D`` floats, bool or uint8             vector       ``mlp``
+   ``D`` floats, bool, uint8 or int8       vector       ``mlp``
    ``T`` integers (int16/32/64)            tokens       ``transformer`` (padding id 0; vocabulary
                                                         size: the largest id in the training split + 1)
    anything else (0-d, 4-d and more,       --           one-line error naming the modality, its
