@@ -26,6 +26,7 @@ from .data import DATASET_MODALITIES, dataset_options
 from .errors import ConfigError
 from .methods import build_method, method_options
 from .models import ESTIMATORS, FUSIONS
+from .models.auto import check_encoder_spec
 from .models.encoders import NORMS
 from .models.factory import register_model, resolve_factory
 
@@ -47,7 +48,6 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 LOGGERS = ("jsonl", "csv", "tensorboard", "wandb")
 
 CHOICES: dict[str, tuple] = {
-    "model.encoder": ("auto", "cnn", "mlp"),
     "model.fusion": tuple(FUSIONS),
     "model.estimator": ESTIMATORS,
     "model.norm": NORMS,
@@ -58,6 +58,8 @@ CHOICES: dict[str, tuple] = {
     "train.on_nan": ("stop", "skip"),
     "train.precision": ("auto", "fp32", "bf16", "fp16"),
 }
+#: keys checked by their own function (a value of more than one type)
+CHECKERS = {"model.encoder": check_encoder_spec}  # a name, or a mapping modality -> name (models/auto.py)
 POSITIVE = ("model.width", "model.feature_dim", "optim.lr", "optim.step_size", "optim.gamma", "train.epochs",
             "train.batch_size", "train.accumulate")
 NON_NEGATIVE = ("optim.momentum", "optim.weight_decay", "train.num_workers", "train.seed")
@@ -218,6 +220,9 @@ def resolve(raw: dict) -> dict:
             raise ConfigError(f"unknown key(s) {[f'{section}.{k}' for k in extra]}; "
                               f"valid: {sorted(DEFAULTS[section])}")
         for k, d in DEFAULTS[section].items():
+            if f"{section}.{k}" in CHECKERS:
+                cfg[section][k] = CHECKERS[f"{section}.{k}"](cfg[section][k])
+                continue
             cfg[section][k] = _check_type(f"{section}.{k}", cfg[section][k], d)
     for key, kind in NULLABLE.items():
         s, k = key.split(".")

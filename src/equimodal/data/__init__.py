@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from pathlib import Path
 from typing import Any, Callable
 
 from .base import DataSplits, TensorMultimodalDataset, stratified_split
@@ -14,6 +15,7 @@ from .custom import UserDataset, as_splits, make_loader
 from .avclips import PRESETS, AVClipDataset, av_clip_splits
 from .avdigits import avdigits_splits
 from .mfeat import VIEWS as MFEAT_VIEWS, mfeat_splits
+from .reviews import MODALITIES as REVIEWS_MODALITIES, reviews_splits
 from .synthetic import synthetic_splits
 from .._imports import import_object, is_import_path
 from ..errors import ConfigError, DataError
@@ -24,6 +26,7 @@ DATASETS: dict[str, tuple[Callable[..., DataSplits], dict[str, Any]]] = {
     "synthetic3": (synthetic_splits, {"modalities": ["visual", "audio", "tactile"]}),
     "avdigits": (avdigits_splits, {}),
     "mfeat": (mfeat_splits, {}),
+    "reviews": (reviews_splits, {}),
     **{name: (functools.partial(av_clip_splits, name), {}) for name in PRESETS},  # the paper's datasets
 }
 
@@ -31,7 +34,8 @@ DATASETS: dict[str, tuple[Callable[..., DataSplits], dict[str, Any]]] = {
 #: name -> every modality the dataset can provide (``data.modalities`` picks among them, in order)
 DATASET_MODALITIES: dict[str, tuple[str, ...]] = {
     "synthetic": ("visual", "audio", "tactile"), "synthetic3": ("visual", "audio", "tactile"),
-    "avdigits": ("audio", "visual"), "mfeat": MFEAT_VIEWS, **{name: ("audio", "visual") for name in PRESETS},
+    "avdigits": ("audio", "visual"), "mfeat": MFEAT_VIEWS,
+    "reviews": REVIEWS_MODALITIES, **{name: ("audio", "visual") for name in PRESETS},
 }
 
 
@@ -93,12 +97,19 @@ def dataset_options(name: str) -> dict[str, Any]:
     return opts
 
 
-def load_dataset(name: str, **options: Any) -> DataSplits:
-    """train / val / test of a built-in or registered dataset (or ``module:function``)."""
+def load_dataset(name: str, fitted_dir: str | Path | None = None, **options: Any) -> DataSplits:
+    """train / val / test of a built-in or registered dataset (or ``module:function``).
+
+    ``fitted_dir``: a run folder's ``data/`` (what the Trainer saved from ``DataSplits.fitted``: a
+    tokenizer, a table's categories and statistics); a loader with a ``fitted`` option reads its
+    preprocessing from there instead of fitting it again, so ``eval`` and ``--resume`` see the data
+    exactly as the run did. Ignored when the folder does not exist or the loader has no such option."""
     try:
         valid = dataset_options(name)
     except KeyError as exc:
         raise ConfigError(f"data.name: {exc.args[0]}") from None
+    if fitted_dir is not None and "fitted" in valid and not options.get("fitted") and Path(fitted_dir).is_dir():
+        options["fitted"] = str(fitted_dir)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise DataError(f"dataset {name!r} has no option(s) {unknown}; valid options: {sorted(valid)}")

@@ -282,6 +282,32 @@ def preprocessing_params(split: str, test_speakers, pairing_seed: int, duration:
             "hop": hop, "n_mels": n_mels, "window": "hann", "mel_scale": "htk", "log_eps": 1e-6}
 
 
+def prepare_waveforms(source: str | Path, out: str | Path, split: str = "official",
+                      test_speakers: list[str] | tuple[str, ...] = ("theo",), duration: float = 1.0,
+                      progress: bool = True) -> Path:
+    """``out`` (a file): the raw waveforms of the recordings, ``{"train"|"test": {"audio": N x samples
+    float32, "label": N}}``, in the order of ``avdigits.pt`` (the sorted recordings of each split),
+    zero-padded or centrally cropped to ``duration`` seconds as the spectrograms are."""
+    source, out = Path(source), Path(out)
+    recordings = fsdd_recordings(source)
+    length = int(round(duration * SAMPLE_RATE))
+    arrays = {}
+    for part in ("train", "test"):
+        chosen = [(p, d) for p, d, speaker, take in recordings
+                  if ((take <= 4) if split == "official" else (speaker in test_speakers)) == (part == "test")]
+        waves = []
+        for path, _ in tqdm(chosen, desc=f"decode FSDD waveforms ({part})", disable=not show_progress(progress)):
+            wav, rate = read_wav(path)
+            if rate != SAMPLE_RATE:
+                raise DataError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE} Hz (FSDD)")
+            waves.append(fix_length(wav, length))
+        arrays[part] = {"audio": torch.stack(waves).to(torch.float32), "label": torch.tensor([d for _, d in chosen])}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(arrays, out.with_suffix(".tmp"))
+    os.replace(out.with_suffix(".tmp"), out)
+    return out
+
+
 # --- load -------------------------------------------------------------------------------------
 def load_arrays(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     """The tensors of ``avdigits.pt``; ``DataError`` naming the file when it cannot be loaded or is not
@@ -334,7 +360,8 @@ def default_cache() -> Path:
 def avdigits_splits(source: str = "", cache_dir: str = "", prepared: str = "", split: str = "official",
                     test_speakers: list[str] = ("theo",), audio_noise: float = 0.0, visual_noise: float = 0.0,
                     val_fraction: float = 0.1, split_seed: int = 0, pairing_seed: int = 0,
-                    modalities: list[str] = ("audio", "visual"), progress: bool = True) -> DataSplits:
+                    modalities: list[str] = ("audio", "visual"), audio: str = "spectrogram",
+                    progress: bool = True) -> DataSplits:
     """Train/val/test of AV-Digits, preparing the cache on first use.
 
     ``prepared``: a folder made by ``equimodal data prepare avdigits`` (its manifest must match the
@@ -349,7 +376,14 @@ def avdigits_splits(source: str = "", cache_dir: str = "", prepared: str = "", s
     A corrupt ``avdigits.pt`` (unreadable, or not the expected tensors) is rebuilt from ``source``
     when it is the cache in ``cache_dir`` (with a printed warning); in a ``prepared`` folder it raises
     ``DataError`` naming the file, as does a corrupt ``manifest.json`` there.
+
+    ``audio``: ``spectrogram`` (40 x 63 log-mel, the default) or ``waveform``: the raw 1 s, 8 kHz
+    signal as ``1 x 8000`` (channels x time, read by the 1-D CNN), standardised with the training
+    split's mean and standard deviation; its own cache ``waveforms.pt`` beside the spectrogram cache
+    in ``cache_dir`` (also when ``prepared`` is given), built from ``source`` on first use.
     """
+    if audio not in ("spectrogram", "waveform"):
+        raise DataError(f"avdigits: data.audio={audio!r} is not 'spectrogram' or 'waveform'")
     params = preprocessing_params(split, test_speakers, pairing_seed, 1.0, 256, 128, 40)
     if prepared:
         folder = Path(prepared)
@@ -388,6 +422,21 @@ def avdigits_splits(source: str = "", cache_dir: str = "", prepared: str = "", s
     unknown = [m for m in modalities if m not in ("audio", "visual")]
     if unknown:
         raise DataError(f"avdigits has no modality {unknown}; available: ['audio', 'visual']")
+    if audio == "waveform" and "audio" in modalities:
+        waves_file = ((Path(cache_dir) if cache_dir else default_cache()) / f"avdigits-{preprocessing_key(params)}"
+                      / "waveforms.pt")
+        if not waves_file.is_file():
+            prepare_waveforms(Path(source) if source else default_source(), waves_file, split=split,
+                              test_speakers=test_speakers, progress=progress)
+        try:
+            waves = torch.load(waves_file, weights_only=True)
+            for part in ("train", "test"):
+                if not torch.equal(waves[part]["label"], arrays[part]["label"]):
+                    raise ValueError(f"its {part} labels differ from those of avdigits.pt")
+                arrays[part] = {**arrays[part], "audio": waves[part]["audio"]}
+        except Exception as exc:  # damaged, or not in the cache's order
+            raise DataError(f"{waves_file}: not the waveforms of this AV-Digits cache ({describe(exc)}); "
+                            "delete it to rebuild it") from None
     train_audio, train_img = arrays["train"]["audio"], arrays["train"]["visual"].float() / 255.0
     stats = {"audio": (train_audio.mean(), train_audio.std()), "visual": (train_img.mean(), train_img.std())}
     noise = {"audio": audio_noise, "visual": visual_noise}
@@ -402,6 +451,8 @@ def avdigits_splits(source: str = "", cache_dir: str = "", prepared: str = "", s
             if noise[m] > 0:
                 x = x + noise[m] * torch.randn(x.shape, generator=gen)
             inputs[m] = x
-        parts[part] = TensorMultimodalDataset({m: inputs[m] for m in modalities}, arrays[part]["label"], 10)
+        kinds = {"audio": "sequence"} if audio == "waveform" else {}
+        parts[part] = TensorMultimodalDataset({m: inputs[m] for m in modalities}, arrays[part]["label"], 10,
+                                              {m: k for m, k in kinds.items() if m in modalities})
     keep, held = stratified_split(parts["train"].labels, val_fraction, seed=split_seed)
     return DataSplits(parts["train"].subset(keep), parts["train"].subset(held), parts["test"], name="avdigits")

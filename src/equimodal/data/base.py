@@ -1,7 +1,7 @@
 """In-memory multimodal datasets and seeded, stratified splits."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -24,9 +24,14 @@ class TensorMultimodalDataset(Dataset):
     ``dataset[indices]`` with a list or tensor of indices returns a whole batch at once
     (``(dict of tensors, labels)``), so a loader can fetch a batch with one gather instead of a
     per-sample Python loop (see ``equimodal.train.trainer.batches``).
+
+    ``kinds``: the ``modality_kinds`` of the data (modality -> ``image``, ``sequence``, ``vector``,
+    ``tokens`` or ``table``, or ``{"kind": ..., options}``), which the automatic encoder reads before
+    its shape rule (``equimodal.models.auto``); kept by ``subset`` and ``select``.
     """
 
-    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int) -> None:
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int,
+                 kinds: dict | None = None) -> None:
         n = labels.shape[0]
         for name, x in inputs.items():
             if x.shape[0] != n:
@@ -37,6 +42,7 @@ class TensorMultimodalDataset(Dataset):
         self.inputs = dict(inputs)
         self.labels = labels.long()
         self.num_classes = int(num_classes)
+        self.modality_kinds = dict(kinds or {})
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -52,14 +58,15 @@ class TensorMultimodalDataset(Dataset):
     def subset(self, indices: torch.Tensor) -> "TensorMultimodalDataset":
         """The samples at ``indices`` (a copy), as the splits and hold-outs are made."""
         return TensorMultimodalDataset({m: x[indices] for m, x in self.inputs.items()},
-                                       self.labels[indices], self.num_classes)
+                                       self.labels[indices], self.num_classes, self.modality_kinds)
 
     def select(self, modalities: list[str] | tuple[str, ...]) -> "TensorMultimodalDataset":
         """A view with only the named modalities (in that order)."""
         unknown = [m for m in modalities if m not in self.inputs]
         if unknown:
             raise KeyError(f"unknown modalities {unknown}; this dataset has {list(self.inputs)}")
-        return TensorMultimodalDataset({m: self.inputs[m] for m in modalities}, self.labels, self.num_classes)
+        return TensorMultimodalDataset({m: self.inputs[m] for m in modalities}, self.labels, self.num_classes,
+                                       self.modality_kinds)
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,12 +91,17 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
 
 @dataclass
 class DataSplits:
-    """train / validation (carved from train) / test. Test is for reporting only."""
+    """train / validation (carved from train) / test. Test is for reporting only.
+
+    ``fitted``: preprocessing fitted on the training split (file name -> text, e.g. a tokenizer's
+    ``tokenizer.json``), which the Trainer saves in the run folder's ``data/`` so that ``eval`` and
+    ``--resume`` read the data with the same vocabulary (``load_dataset(..., fitted_dir=...)``)."""
 
     train: TensorMultimodalDataset
     val: TensorMultimodalDataset
     test: TensorMultimodalDataset
     name: str
+    fitted: dict = field(default_factory=dict)
 
     @property
     def modalities(self) -> tuple[str, ...]:

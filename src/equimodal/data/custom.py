@@ -309,7 +309,7 @@ def as_splits(data: Any, name: str = "custom", val_fraction: float = 0.1, split_
         if isinstance(ds, UserDataset):
             ds.num_classes = classes
         elif ds.num_classes != classes:
-            wrapped[k] = TensorMultimodalDataset(ds.inputs, ds.labels, classes)
+            wrapped[k] = TensorMultimodalDataset(ds.inputs, ds.labels, classes, ds.modality_kinds)
     if "val" not in wrapped:
         keep, held = stratified_split(wrapped["train"].labels, val_fraction, split_seed)
         wrapped["val"] = wrapped["train"].subset(held)
@@ -323,7 +323,8 @@ def as_splits(data: Any, name: str = "custom", val_fraction: float = 0.1, split_
     for k in SPLIT_KEYS:
         if not len(wrapped[k]):
             raise DataError(f"dataset {name!r}: the {k} split is empty")
-    return DataSplits(wrapped["train"], wrapped["val"], wrapped["test"], name=name)
+    return DataSplits(wrapped["train"], wrapped["val"], wrapped["test"], name=name,
+                      fitted=dict(data.fitted) if isinstance(data, DataSplits) else {})
 
 
 def make_loader(name: str, source: Any, on_load: Callable[[DataSplits], None] | None = None) -> Callable[..., DataSplits]:

@@ -46,9 +46,14 @@ class SmallCNN(nn.Module):
             nn.Flatten(),
         )
 
+    #: the smallest height and width the two 2x2 poolings leave at least one value of
+    MIN_SIZE = 4
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3:  # B x H x W -> add the channel axis
             x = x.unsqueeze(1)
+        if not x.is_floating_point():  # uint8 images, bool masks
+            x = x.float()
         return self.net(x)
 
 
@@ -65,9 +70,124 @@ class MLPEncoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.flatten(1))
+        x = x.flatten(1)
+        return self.net(x if x.is_floating_point() else x.float())
+
+
+class CNN1d(nn.Module):
+    """A three-block 1-D CNN for channels x time (input B x C x T, or B x T for one channel):
+    sensor windows, raw waveforms.
+
+    The first convolution strides so that about 128 steps remain (a 1 s waveform at 8 kHz: stride
+    62), then two conv -> norm -> ReLU -> max-pool blocks (a pool only where at least two steps are
+    left, so any length of 1 or more works) and global average pooling over time.
+    """
+
+    def __init__(self, in_channels: int = 1, length: int | None = None, width: int = 32, out_dim: int = 64,
+                 norm: str = "batch") -> None:
+        super().__init__()
+        self.out_dim = out_dim
+        stride = max(1, (length or 0) // 128)
+        kernel = max(5, 2 * stride + 1)
+        steps = length if length is not None else 1 << 30
+        steps = (steps + 2 * (kernel // 2) - kernel) // stride + 1
+
+        def pool() -> nn.Module:
+            nonlocal steps
+            if steps < 2:
+                return nn.Identity()
+            steps //= 2
+            return nn.MaxPool1d(2)
+
+        self.net = nn.Sequential(
+            nn.Conv1d(in_channels, width // 2, kernel, stride=stride, padding=kernel // 2, bias=False),
+            norm_layer(norm, width // 2, dims=1), nn.ReLU(inplace=True), pool(),
+            nn.Conv1d(width // 2, width, 3, padding=1, bias=False),
+            norm_layer(norm, width, dims=1), nn.ReLU(inplace=True), pool(),
+            nn.Conv1d(width, out_dim, 3, padding=1, bias=False),
+            norm_layer(norm, out_dim, dims=1), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # B x T -> one channel
+            x = x.unsqueeze(1)
+        return self.net(x if x.is_floating_point() else x.float())
+
+
+class TokenTransformer(nn.Module):
+    """Token ids (B x T integers, padded with ``padding_id``) -> embedding + learned positions -> a
+    small ``torch.nn.TransformerEncoder`` -> mean over the non-padding positions.
+
+    Ids outside ``[0, vocab_size)`` share one extra "unknown" embedding row (validation or test data
+    may hold ids the training split never did); a sequence of padding only attends to its first
+    position, so it gives a finite feature instead of NaN. Longer sequences than ``max_len`` are cut;
+    trailing columns that are padding in every sequence of the batch are dropped before the encoder
+    (the same result, masked positions never reach the others, for less work on short texts).
+    """
+
+    def __init__(self, vocab_size: int, max_len: int, padding_id: int = 0, width: int = 32, out_dim: int = 64,
+                 layers: int = 2, heads: int = 4, dropout: float = 0.1) -> None:
+        super().__init__()
+        if not 0 <= padding_id < vocab_size:
+            raise ValueError(f"padding_id {padding_id} must lie in [0, vocab_size={vocab_size})")
+        self.out_dim, self.vocab_size, self.max_len, self.padding_id = out_dim, int(vocab_size), int(max_len), int(padding_id)
+        d = max(heads * 4, (2 * width) // heads * heads)
+        self.embed = nn.Embedding(self.vocab_size + 1, d, padding_idx=self.padding_id)
+        self.position = nn.Embedding(self.max_len, d)
+        layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=2 * d, dropout=dropout, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.proj = nn.Sequential(nn.Linear(d, out_dim), nn.ReLU(inplace=True))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.long()[:, :self.max_len]
+        pad = ids == self.padding_id
+        used = (~pad).any(0).nonzero()
+        if used.numel() and int(used.max()) + 1 < ids.shape[1]:  # drop trailing columns of padding only
+            ids, pad = ids[:, :int(used.max()) + 1], pad[:, :int(used.max()) + 1]  # (exact: they are masked)
+        ids = ids.masked_fill((ids < 0) | (ids >= self.vocab_size), self.vocab_size)
+        pad[pad.all(1), 0] = False
+        h = self.embed(ids) + self.position(torch.arange(ids.shape[1], device=ids.device))
+        h = self.norm(self.encoder(h, src_key_padding_mask=pad))
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.proj((h * keep).sum(1) / keep.sum(1))
+
+
+def embedding_size(cardinality: int) -> int:
+    """Width of one categorical column's embedding (fast.ai's rule of thumb, at most 16 here)."""
+    return max(2, min(16, round(1.6 * cardinality ** 0.56)))
+
+
+class TabularEncoder(nn.Module):
+    """One table row as one modality: ``x = [codes of the categorical columns..., numbers...]``
+    (float, B x (len(categories) + numeric)), as ``equimodal.data.table.TableCodec`` writes it.
+
+    Each categorical column has its own embedding (``categories[i]`` codes; code 0 is "unknown or
+    missing", as is any code out of range); the embeddings and the (already standardised) numbers
+    go through a two-layer MLP.
+    """
+
+    def __init__(self, categories: list[int] | tuple[int, ...], numeric: int, width: int = 32, out_dim: int = 64,
+                 norm: str = "batch") -> None:
+        super().__init__()
+        self.out_dim, self.categories, self.numeric = out_dim, [int(c) for c in categories], int(numeric)
+        self.embeddings = nn.ModuleList(nn.Embedding(c, embedding_size(c)) for c in self.categories)
+        in_dim = sum(e.embedding_dim for e in self.embeddings) + self.numeric
+        self.mlp = MLPEncoder(in_dim, hidden=4 * width, out_dim=out_dim, norm=norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = len(self.categories)
+        parts = []
+        for i, emb in enumerate(self.embeddings):
+            codes = x[:, i].long()
+            parts.append(emb(codes.masked_fill((codes < 0) | (codes >= self.categories[i]), 0)))
+        parts.append(x[:, k:k + self.numeric].float())
+        return self.mlp(torch.cat(parts, dim=1))
 
 
 from .resnet import AudioResNet18, VisualResNet18  # noqa: E402
 
-ENCODERS = {"cnn": SmallCNN, "mlp": MLPEncoder, "resnet18-audio": AudioResNet18, "resnet18-visual": VisualResNet18}
+ENCODERS = {"cnn": SmallCNN, "cnn1d": CNN1d, "mlp": MLPEncoder, "transformer": TokenTransformer,
+            "tabular": TabularEncoder, "resnet18-audio": AudioResNet18, "resnet18-visual": VisualResNet18}

@@ -28,7 +28,8 @@ from ..errors import CheckpointError, ConfigError, DataError, EquimodalError, No
 from ..data import DataSplits, TensorMultimodalDataset, load_dataset
 from ..data.base import batch_bounds, iterate_batches, merged_samples, stratified_split
 from ..methods import Method, MethodData, build_method
-from ..models import ENCODERS, MultimodalModel
+from ..models import MultimodalModel
+from ..models.auto import build_encoders
 from ..models.factory import build_user_model
 from .compile import compile_model
 from .cost import CostMeter
@@ -55,35 +56,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(model_cfg: dict, splits: DataSplits) -> MultimodalModel:
-    """One encoder per modality, chosen from the input shape when ``encoder: auto``
-    (images/spectrograms -> SmallCNN, vectors -> MLP); or the model ``model.factory`` builds from
-    the data's modalities, class count and input shapes (``equimodal.models.factory``)."""
+    """One encoder per modality, chosen by ``model.encoder``, the dataset's declared kinds or the
+    shape rule of ``equimodal.models.auto``; or the model ``model.factory`` builds from the data's
+    modalities, class count and input shapes (``equimodal.models.factory``)."""
     if model_cfg.get("factory"):
         first = splits.train[[0]][0]
         shapes = {m: tuple(first[m].shape[1:]) for m in splits.modalities}
         return build_user_model(model_cfg["factory"], model_cfg, tuple(splits.modalities), splits.num_classes, shapes)
-    encoders = {}
-    preferred = getattr(splits.train, "preferred_encoders", {})
-    for m in splits.modalities:
-        kind = model_cfg["encoder"]
-        if kind == "auto" and m in preferred:
-            encoders[m] = ENCODERS[preferred[m]]()
-            continue
-        sample = splits.train[[0]][0][m]
-        if sample.dtype != torch.float32:
-            raise DataError(f"dataset {splits.name!r}: modality {m!r} holds {sample.dtype} values; the built-in "
-                            "encoders take float32 (convert with .float(), or build your own model: model.factory)")
-        shape = tuple(sample.shape[1:])
-        if kind == "auto":
-            kind = "cnn" if len(shape) >= 2 else "mlp"
-        if kind == "cnn":
-            channels = shape[0] if len(shape) == 3 else 1
-            encoders[m] = ENCODERS["cnn"](in_channels=channels, width=model_cfg["width"], out_dim=model_cfg["feature_dim"],
-                                          norm=model_cfg.get("norm", "batch"))
-        else:
-            in_dim = int(torch.tensor(shape).prod())
-            encoders[m] = ENCODERS["mlp"](in_dim=in_dim, hidden=2 * model_cfg["width"] * 2, out_dim=model_cfg["feature_dim"],
-                                          norm=model_cfg.get("norm", "batch"))
+    from ..data import DATASET_MODALITIES
+    encoders = build_encoders(model_cfg, splits.train, tuple(splits.modalities),
+                              known=DATASET_MODALITIES.get(splits.name, ()))
     return MultimodalModel(encoders, splits.num_classes, fusion=model_cfg["fusion"], estimator=model_cfg["estimator"])
 
 
@@ -105,10 +87,15 @@ def share_budget(stage_epochs: list[int], budget: int) -> list[int]:
 
 
 def build_optimizer(optim_cfg: dict, model: MultimodalModel, method: Method) -> torch.optim.Optimizer:
-    """One parameter group per encoder (tagged ``modality``) and one for the head; a method adds a
-    group for its own parameters in ``setup`` (``Method.attach_parameters``)."""
+    """One parameter group per encoder (tagged ``modality``; a pretrained backbone's ``lr_factor``
+    scales its group's rate) and one for the head; a method adds a group for its own parameters in
+    ``setup`` (``Method.attach_parameters``)."""
     groups = model.param_groups() if hasattr(model, "param_groups") else contract_param_groups(model)
     name, lr, wd = optim_cfg["name"], optim_cfg["lr"], optim_cfg["weight_decay"]
+    for group in groups:  # a pretrained backbone's own learning-rate factor (models/pretrained.py)
+        factor = getattr(model.encoder(group["modality"]), "lr_factor", 1.0) if group.get("modality") else 1.0
+        if factor != 1.0:
+            group["lr"] = lr * factor
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg["momentum"], weight_decay=wd)
     if name == "adam":
@@ -252,7 +239,9 @@ class Trainer:
     """Runs one configured training job and writes its output folder.
 
     Output folder: ``config.yaml`` (resolved config), ``metrics.jsonl`` (one object per epoch),
-    ``summary.json`` and ``checkpoint.pt`` (saved every epoch; ``resume()`` continues from it).
+    ``summary.json`` and ``checkpoint.pt`` (saved every epoch; ``resume()`` continues from it), and
+    ``data/`` when the data fitted preprocessing on its training split (a tokenizer; read back on
+    resume and by ``eval``).
     """
 
     #: files whose presence means a folder holds a run
@@ -300,7 +289,9 @@ class Trainer:
         data_opts = {k: v for k, v in self.cfg["data"].items() if k != "name"}
         if "progress" in data_opts:  # a loader that builds a cache shows bars only when the run does
             data_opts["progress"] = show_progress(data_opts["progress"] and t["progress"])
-        self.splits = load_dataset(self.cfg["data"]["name"], **data_opts)
+        # a folder that holds a run (resume) gives back the preprocessing the run fitted (data/)
+        fitted = self.out_dir / "data" if (self.out_dir / "checkpoint.pt").is_file() and not overwrite else None
+        self.splits = load_dataset(self.cfg["data"]["name"], fitted_dir=fitted, **data_opts)
         self.model = build_model(self.cfg["model"], self.splits).to(self.device)
         if t["batch_size"] // self.world < 2 and any(isinstance(m, nn.BatchNorm1d) for m in self.model.modules()):
             raise ConfigError(f"train.batch_size={t['batch_size']} leaves each of {self.world} process(es) 1 sample "
@@ -341,7 +332,8 @@ class Trainer:
             return None
         keep, held = stratified_split(self.splits.train.labels, fraction, seed=self.cfg["train"]["seed"] + 7919)
         holdout = self.splits.train.subset(held)
-        self.splits = DataSplits(self.splits.train.subset(keep), self.splits.val, self.splits.test, self.splits.name)
+        self.splits = DataSplits(self.splits.train.subset(keep), self.splits.val, self.splits.test, self.splits.name,
+                                 self.splits.fitted)
         return holdout
 
     def _stage_at(self, epoch: int) -> tuple[int, int]:
@@ -625,6 +617,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(self.out_dir / "checkpoint.pt")  # left by a writer killed mid-write
             (self.out_dir / "config.yaml").write_text(dump_config(self.cfg))
+            self._save_fitted()
             self._rewrite_metrics()
             self.loggers.open(self.out_dir, self.cfg, self.history, self.optimizer_steps, resumed=self.epoch > 0)
         last_stage = len(self.plan) - 1
@@ -740,6 +733,19 @@ class Trainer:
             self.loggers.finish(summary, self.optimizer_steps)
         self.echo(format_summary(summary))
         return summary
+
+    def _save_fitted(self) -> None:
+        """The data's preprocessing fitted on the training split (``DataSplits.fitted``) into
+        ``data/`` of the run folder, where ``eval`` and ``--resume`` read it back."""
+        fitted = getattr(self.splits, "fitted", None) or {}
+        if not fitted:
+            return
+        folder = self.out_dir / "data"
+        folder.mkdir(exist_ok=True)
+        for name, text in fitted.items():
+            tmp = folder / f"{name}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(folder / name)
 
     def _rewrite_metrics(self) -> None:
         with open(self.out_dir / "metrics.jsonl", "w") as fh:
