@@ -7,7 +7,6 @@ import torch
 
 from conftest import TINY
 from equimodal.cli import main
-
 from equimodal.data import load_dataset
 from equimodal.data.base import TensorMultimodalDataset, batch_bounds, iterate_batches, merged_samples, num_batches
 
