@@ -287,16 +287,22 @@ def test_an_item_unlike_the_first_is_named_in_its_batch_when_labels_are_given(tm
         trainer.fit()
 
 
-def test_int64_inputs_are_refused_for_the_built_in_encoders(tmp_path):
+def test_integer_inputs_train_or_stop_in_one_line_never_a_traceback(tmp_path):
+    """int64 inputs crashed at the first batch. Since issue 24 the automatic encoder reads 1-D
+    integers as token ids and places or refuses other integer shapes itself: either way a run
+    trains or ends in one error line, never a traceback."""
     from equimodal.config import load_config
-    from equimodal.errors import DataError
+    from equimodal.errors import EquimodalError
     from equimodal.train import Trainer
 
-    ints = Items(item=lambda i: ({"a": torch.arange(6), "b": torch.randn(1, 4, 4)}, i % 4))
-    cfg = load_config(overrides=TINY + ["train.epochs=1"])
-    test = Items(n=20, item=ints.item)
-    with pytest.raises(DataError, match="modality 'a' holds torch.int64 values; the built-in encoders take float32"):
-        Trainer(cfg, out_dir=tmp_path / "run", data={"train": ints, "test": test}, echo=lambda s: None)
+    for sample in (torch.arange(1, 7), torch.arange(1, 17).view(1, 4, 4)):
+        ints = Items(item=lambda i, x=sample: ({"a": x, "b": torch.randn(8)}, i % 4))
+        cfg = load_config(overrides=TINY + ["train.epochs=1", "train.probe=false"])
+        try:
+            Trainer(cfg, out_dir=tmp_path / f"run{sample.dim()}", data={"train": ints, "test": Items(n=20, item=ints.item)},
+                    echo=lambda s: None).fit()
+        except EquimodalError as exc:
+            assert "\n" not in str(exc) and "'a'" in str(exc)
 
 
 # --- bench, report, data prepare ----------------------------------------------------------------

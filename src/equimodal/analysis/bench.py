@@ -466,9 +466,9 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     tuned = any("tuned" in r for r in results)
     best_val = any(r.get("selection") == "best_val" for r in results)
     tuning = any("tuning" in r for r in results)  # bench --tune (Optuna): each row's study
-    header = (["method", "seeds", "predicts"] + (["tuned setting"] if tuned else [])
+    header = (["method", "seeds"] + (["tuned setting"] if tuned else [])
               + (["tuning trials (pruned)", "tuning epochs", f"tuning passes × {baseline}'s"] if tuning else [])
-              + ["fused acc (%)"]
+              + ["predicts", "fused acc (%)"]
               + (["last-epoch acc (%)"] if best_val else []) + ["macro-F1 (%)"] + [f"acc {m} (%)" for m in modalities]
               + [f"probe {m} (%)" for m in modalities] + ["epochs", f"cost × {baseline}", "s / epoch",
                                                          f"Δ acc vs {baseline} (95% CI, paired)"]
@@ -477,13 +477,14 @@ def summarise(results: list[dict[str, Any]], out: str | Path, baseline: str = "j
     base_known = [x for x in (encoder_passes(r) for r in by_label.get(baseline, [])) if x]
     unequal = False
     for lab, rs in by_label.items():
-        cells = [lab, str(len(rs)), predictor(rs[0])]
+        cells = [lab, str(len(rs))]
         if tuned:
             cells.append(rs[0].get("tuned", "-"))
         if tuning:
             tu, bt = rs[0].get("tuning") or {}, (by_label.get(baseline, [{}])[0].get("tuning") or {})
             cells += [f"{tu['trials']} ({tu['pruned']})" if tu else "-", str(tu.get("epochs", "-")),
                       f"{tu['passes'] / bt['passes']:.2f}" if tu and bt.get("passes") else "-"]
+        cells.append(predictor(rs[0]))
         cells.append(fmt_pct(*mean_std([r["test_acc"] for r in rs])))
         if best_val:
             cells.append(fmt_pct(*mean_std([r.get("last_epoch_test_acc", float("nan")) for r in rs])))

@@ -214,13 +214,6 @@ def prepare_avdigits(source: str | Path, out: str | Path, split: str = "official
     recordings = fsdd_recordings(source)
     is_test = [(take <= 4) if split == "official" else (speaker in test_speakers)
                for _, _, speaker, take in recordings]
-    for part, count in (("train", is_test.count(False)), ("test", is_test.count(True))):
-        if not count:  # refused before anything is decoded or written (a cache of 0 samples is no cache)
-            rule = ("takes 0-4 test, 5-49 train" if split == "official"
-                    else f"test speakers {list(test_speakers)}")
-            raise DataError(f"{source / FSDD_DIR}: none of the {len(recordings)} recording(s) falls in the {part} "
-                            f"split ({rule}); add recordings or choose other --test-speakers / --split")
-
     length = int(round(duration * SAMPLE_RATE))
     waves = []
     for path, *_ in tqdm(recordings, desc="decode FSDD", disable=not show_progress(progress)):
@@ -228,6 +221,15 @@ def prepare_avdigits(source: str | Path, out: str | Path, split: str = "official
         if rate != SAMPLE_RATE:
             raise DataError(f"{path}: sample rate {rate} Hz, expected {SAMPLE_RATE} Hz (FSDD)")
         waves.append(fix_length(wav, length))
+    for part, count in (("train", is_test.count(False)), ("test", is_test.count(True))):
+        # refused before anything is written (a cache of 0 samples is no cache), after decoding so
+        # that a broken recording is named first
+        if not count:
+            rule = ("takes 0-4 test, 5-49 train" if split == "official"
+                    else f"test speakers {list(test_speakers)}")
+            raise DataError(f"{source / FSDD_DIR}: none of the {len(recordings)} recording(s) falls in the {part} "
+                            f"split ({rule}); add recordings or choose other --test-speakers / --split")
+
     spectrograms = log_mel_spectrogram(torch.stack(waves), SAMPLE_RATE, n_fft=n_fft, hop=hop, n_mels=n_mels)
 
     pools = {"train": read_mnist_csv(source / MNIST_TRAIN_5K), "test": None}

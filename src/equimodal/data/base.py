@@ -369,7 +369,8 @@ def iterate_batches(dataset, batch_size: int, generator: torch.Generator | None 
             yield dataset[chunk]
         return
     persistent = persistent_workers and getattr(type(dataset), "keeps_loaders", False)
-    loader, sampler, pool = _loader(dataset, num_workers, pin_memory, persistent, batch_size)
+    # a pool's slots hold the largest batch batch_bounds makes (a merged final batch)
+    loader, sampler, pool = _loader(dataset, num_workers, pin_memory, persistent, batch_size + 2 * world - 1)
     epoch = getattr(dataset, "epoch", None) if hasattr(dataset, "set_epoch") else None
     epoch = None if epoch is None else int(epoch)  # None: the dataset has no epoch yet (nothing to carry)
     sampler.epoch = epoch
