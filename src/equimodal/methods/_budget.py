@@ -15,6 +15,15 @@ def share_of_budget(option: int | None, epochs: int, share: tuple[int, int], pap
     return max(low, int(epochs * numerator / denominator + 0.5))
 
 
+def warmup_notes(method: str, warmup: int, epochs: int, consequence: str) -> list[str]:
+    """The one line a loop prints when a warm-up of ``warmup`` epochs covers a whole stage of
+    ``epochs`` (``consequence``: what the method then never does), else none."""
+    if warmup < epochs:
+        return []
+    return [f"{method}: warmup_epochs={warmup} covers all {epochs} epochs of the stage, so {consequence}; "
+            "lower method.warmup_epochs or raise train.epochs"]
+
+
 def check_epoch_option(key: str, value: object, low: int) -> None:
     """An epoch-count option: null (a share of the run's budget) or an integer >= ``low``."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):

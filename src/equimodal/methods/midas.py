@@ -10,7 +10,7 @@ from torch import nn
 
 from .._dist import all_reduce_sum, average_gradients
 from ..models.multimodal import ModelOutput
-from ._budget import check_epoch_option, share_of_budget
+from ._budget import check_epoch_option, share_of_budget, warmup_notes
 from ._base import Method, unwrap
 from ._heads import linear_heads
 from ._registry import register_method
@@ -189,11 +189,8 @@ class MIDAS(Method):
     # --- setup ---------------------------------------------------------------------------
     def plan_epochs(self, epochs: int) -> list[str]:
         self.warmup_epochs = share_of_budget(self.warmup_option, epochs, _WARMUP_SHARE, paper=10, low=0)
-        if self.warmup_epochs >= epochs:
-            return [f"midas: warmup_epochs={self.warmup_epochs} covers all {epochs} epochs of the stage, so the "
-                    "fused head is never trained (test accuracy at chance); lower method.warmup_epochs "
-                    "or raise train.epochs"]
-        return []
+        return warmup_notes("midas", self.warmup_epochs, epochs,
+                            "the fused head is never trained (test accuracy at chance)")
 
     def setup(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> None:
         super().setup(model, optimizer, seed)

@@ -10,7 +10,7 @@ from torch import nn
 from .. import _dist
 from ..data.base import TensorMultimodalDataset
 from ..models.multimodal import ModelOutput
-from ._budget import check_epoch_option, share_of_budget
+from ._budget import check_epoch_option, share_of_budget, warmup_notes
 from ._base import Method, fusing_model, unwrap
 from ._heads import linear_heads
 from ._registry import register_method
@@ -149,11 +149,8 @@ class Remix(Method):
 
     def plan_epochs(self, epochs: int) -> list[str]:
         self.warmup_epochs = share_of_budget(self.warmup_option, epochs, _WARMUP_SHARE, paper=10, low=0)
-        if self.warmup_epochs >= epochs:
-            return [f"remix: warmup_epochs={self.warmup_epochs} covers all {epochs} epochs of the stage, so it "
-                    "never re-assigns a sample (it trains as joint plus unimodal losses); lower "
-                    "method.warmup_epochs or raise train.epochs"]
-        return []
+        return warmup_notes("remix", self.warmup_epochs, epochs,
+                            "it never re-assigns a sample (it trains as joint plus unimodal losses)")
 
     def _require_setup(self) -> None:
         if self._model is None:
